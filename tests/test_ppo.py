@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from vlarl_fast.kernels import action_logprobs
+from vlarl_fast.rl.ppo import explained_variance, normalize_advantages, ppo_losses
+
+
+def test_ratio_one_gives_minus_mean_advantage():
+    logp = torch.tensor([-1.0, -2.0])
+    adv = torch.tensor([1.0, -3.0])
+    pg, v, kl, cf = ppo_losses(logp, logp, adv, torch.zeros(2), torch.ones(2))
+    assert pg.item() == pytest.approx(1.0)      # -(1 - 3) / 2
+    assert v.item() == pytest.approx(0.5)       # 0.5 * mean((0 - 1)^2)
+    assert kl.item() == pytest.approx(0.0)
+    assert cf.item() == 0.0
+
+
+def test_asymmetric_clipping_hand_computed():
+    old = torch.zeros(4)
+    # ratios 1.5, 1.5, 0.5, 0.5
+    new = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    pg, _, kl, cf = ppo_losses(new, old, adv, torch.zeros(4), torch.zeros(4), clip_low=0.2, clip_high=0.3)
+    # per sample max(-A r, -A clip(r)):
+    #  A=+1, r=1.5 -> max(-1.5, -1.3) = -1.3 ; A=-1, r=1.5 -> max(1.5, 1.3) = 1.5
+    #  A=+1, r=0.5 -> max(-0.5, -0.8) = -0.5 ; A=-1, r=0.5 -> max(0.5, 0.8) = 0.8
+    assert pg.item() == pytest.approx((-1.3 + 1.5 - 0.5 + 0.8) / 4)
+    assert cf.item() == 1.0
+    r = torch.tensor([1.5, 1.5, 0.5, 0.5])
+    assert kl.item() == pytest.approx(((r - 1) - r.log()).mean().item(), rel=1e-6)
+
+
+def test_gradient_vanishes_when_clipped():
+    old = torch.zeros(1)
+    new = torch.log(torch.tensor([2.0])).requires_grad_()
+    pg, *_ = ppo_losses(new, old, torch.tensor([1.0]), torch.zeros(1), torch.zeros(1))
+    pg.backward()
+    assert new.grad.item() == 0.0
+
+
+def test_normalize_and_explained_variance():
+    a = normalize_advantages(torch.tensor([1.0, 2.0, 3.0]))
+    assert a.mean().abs() < 1e-6 and a.std().item() == pytest.approx(1.0, rel=1e-5)
+    y = torch.tensor([1.0, 2.0, 3.0])
+    assert explained_variance(y, y) == pytest.approx(1.0)
+    assert math.isnan(explained_variance(y, torch.ones(3)))
+
+
+@pytest.mark.parametrize("N,H,V,start,temp", [(5, 8, 40, 0, 1.0), (13, 7, 300, 44, 0.7), (1, 3, 9, 8, 1.6)])
+def test_action_logprobs_reference(N, H, V, start, temp):
+    g = torch.Generator().manual_seed(N)
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    targets = torch.randint(start, V, (N,), generator=g)
+    logp, ent = action_logprobs(h, w, targets, temperature=temp, vocab_start=start, return_entropy=True)
+    full = torch.log_softmax((h @ w[start:].T) / temp, -1)
+    torch.testing.assert_close(logp, full.gather(1, (targets - start)[:, None]).squeeze(1))
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1))
+    logp.sum().backward()
+    assert h.grad is not None and w.grad is not None
+    assert torch.all(w.grad[:start] == 0)
+
+
+def test_action_logprobs_rejects_targets_outside_slice():
+    with pytest.raises(ValueError, match="outside the vocab slice"):
+        action_logprobs(torch.zeros(2, 3), torch.zeros(10, 3), torch.tensor([1, 9]), vocab_start=5)

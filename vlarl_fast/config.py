@@ -1,0 +1,180 @@
+"""Run configuration: dataclasses whose field docstrings become the command-line help (tyro).
+
+Every field can be overridden on the command line (``--ppo.learning-rate 1e-5``), from a
+JSON or YAML file (``--config run.yaml``), or by a named preset (``--preset smoke``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class EnvConfig:
+    suite: str = "tabletop"
+    """Task suite: 'tabletop' (built in, CPU friendly). LIBERO suites come with the libero extra."""
+    tasks: tuple[str, ...] = ()
+    """Task ids to train and evaluate on; empty means every task of the suite."""
+    image_size: int = 64
+    """Agent-view image side in pixels (must match the policy's image_size)."""
+    reward: Literal["dense", "sparse"] = "dense"
+    """'sparse': 1 on success. 'dense': sparse plus potential-based progress shaping (keeps the optimal policy)."""
+    num_envs: int = 48
+    """Environments stepped together per rollout batch."""
+
+
+@dataclass
+class PolicyConfig:
+    policy: str = "tiny"
+    """A checkpoint directory or a preset name ('tiny': a randomly initialised tiny VLA)."""
+    hidden_size: int = 128
+    """LM width of the 'tiny' preset."""
+    num_layers: int = 4
+    """LM depth of the 'tiny' preset."""
+
+
+@dataclass
+class SFTConfig:
+    demos_per_task: int = 40
+    """Scripted-expert demonstrations per task (successful episodes only)."""
+    demo_noise: float = 0.3
+    """Std of the Gaussian noise the expert adds to its motion commands (imperfect demos)."""
+    epochs: int = 6
+    """Passes over the demonstration steps."""
+    batch_size: int = 64
+    """Steps per gradient update."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate (cosine decay to 10%)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 40
+    """PPO iterations (each: a rollout of num_steps x num_envs env steps, then the update)."""
+    num_steps: int = 32
+    """Environment steps per env per iteration (the rollout horizon T)."""
+    learning_rate: float = 1e-4
+    """Adam learning rate of the policy."""
+    critic_learning_rate: float = 1e-3
+    """Adam learning rate of the value head."""
+    gamma: float = 0.99
+    """Discount per environment step."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_low: float = 0.2
+    """Lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip: ratio <= 1 + clip_high (asymmetric, 'clip-higher')."""
+    vf_coef: float = 0.5
+    """Value-loss coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient (per action token)."""
+    update_epochs: int = 2
+    """Passes over the rollout per iteration."""
+    minibatch_size: int = 256
+    """Environment steps per gradient step."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    target_kl: float | None = 0.05
+    """Stop the epoch loop early when approx_kl exceeds this (None: never)."""
+    critic_warmup: int = 3
+    """Iterations at the start that update only the critic (VLA-RL's critic warm-up)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout policy (and of the log-probs PPO optimises)."""
+    norm_adv: bool = True
+    """Normalise advantages per minibatch."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen during RL (its features are cached from the rollout)."""
+
+
+@dataclass
+class EvalConfig:
+    episodes_per_state: int = 2
+    """Evaluation episodes per (task, initial state) pair."""
+    init_states: int = 50
+    """Initial states per task used for evaluation (the suite's fixed set, first K)."""
+    greedy: bool = False
+    """Greedy decoding; by default actions are sampled at the rollout temperature."""
+
+
+@dataclass
+class TrainConfig:
+    """SFT on scripted demos -> PPO (VLA-RL) -> evaluation, on the built-in tabletop suite by default."""
+
+    output_dir: str = "runs/train"
+    """Run directory: checkpoints, TensorBoard events, plots, summary.json."""
+    seed: int = 0
+    """Seed for every RNG (torch, numpy, env init states)."""
+    device: str = "cpu"
+    """Torch device ('cpu', 'cuda', 'cuda:1')."""
+    threads: int = 0
+    """Torch CPU threads (0: library default)."""
+    config: str | None = None
+    """JSON/YAML file of overrides applied before the command line."""
+    preset: str | None = None
+    """Named preset ('default', 'smoke')."""
+    skip_sft: bool = False
+    """Start RL from --policy.policy as is (e.g. a checkpoint that is already fine-tuned)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tensorboard: bool = True
+    """Write TensorBoard event files to output_dir/tb."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # a seconds-long run of the whole pipeline, for tests and first checks
+    "smoke": {"env": {"num_envs": 4, "tasks": ["tabletop/reach_red"]},
+              "policy": {"hidden_size": 32, "num_layers": 1},
+              "sft": {"demos_per_task": 2, "epochs": 1},
+              "ppo": {"iterations": 2, "num_steps": 4, "critic_warmup": 1, "minibatch_size": 8},
+              "eval": {"episodes_per_state": 1, "init_states": 2}},
+}
+
+
+def _merge(obj, overrides: dict, where: str = ""):
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise ValueError(f"unknown config key {where + key!r}; known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where + key!r} needs a mapping")
+            _merge(current, value, where + key + ".")
+        else:
+            setattr(obj, key, tuple(value) if isinstance(current, tuple) else value)
+    return obj
+
+
+def load_overrides(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def apply_presets(cfg, preset: str | None, config_file: str | None, presets: dict = PRESETS):
+    """Base config: defaults <- preset <- config file (the command line is applied after)."""
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(presets)}")
+        _merge(cfg, presets[preset])
+    if config_file is not None:
+        _merge(cfg, load_overrides(config_file))
+    return cfg

@@ -1,0 +1,93 @@
+"""Save and load a policy as a directory: config.json, model.safetensors, tokenizer files,
+dataset_statistics.json (OpenVLA's name and shape for the q01/q99 statistics)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
+
+from .action_tokenizer import NormStats
+from .model import TinyVLA, VLAConfig
+from .policy import VLAPolicy
+from .text_tokenizer import build_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STATS = "dataset_statistics.json"
+PRESETS = ("tiny",)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write atomically: a temp directory beside the target, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        cfg = policy.config.to_dict()
+        (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}}, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        policy.tokenizer.save_pretrained(str(tmp))
+        if policy.norm_stats is not None:
+            policy.norm_stats.save(tmp / STATS)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_policy(path: str | os.PathLike, device="cpu") -> VLAPolicy:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"policy {str(path)!r} is neither a checkpoint directory nor a preset "
+                              f"(presets: {', '.join(PRESETS)})")
+    missing = [f for f in (CONFIG, WEIGHTS) if not (path / f).exists()]
+    if missing:
+        raise CheckpointError(f"{path} is not a vlarl-fast checkpoint: missing {', '.join(missing)} "
+                              "(a checkpoint directory holds config.json, model.safetensors, tokenizer files "
+                              "and dataset_statistics.json, as written by `vlarl-fast train`/`sft`)")
+    cfg = json.loads((path / CONFIG).read_text())
+    cfg.pop("extra", None)
+    if cfg.get("model_type") != VLAConfig.model_type:
+        raise CheckpointError(f"{path} holds a {cfg.get('model_type')!r} model; this loader reads "
+                              f"{VLAConfig.model_type!r} checkpoints")
+    config = VLAConfig.from_dict(cfg)
+    model = TinyVLA(config)
+    state = load_file(str(path / WEIGHTS))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not match the config (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    tok.padding_side = "left"
+    stats = NormStats.load(path / STATS) if (path / STATS).exists() else None
+    return VLAPolicy(model, tok, stats, device=device)
+
+
+def make_policy(spec: str, *, instructions: list[str] | None = None, image_size: int = 64, seed: int = 0,
+                device="cpu", **overrides) -> VLAPolicy:
+    """A checkpoint directory, or the preset ``tiny`` (randomly initialised)."""
+    if spec in PRESETS:
+        torch.manual_seed(seed)
+        config = VLAConfig(image_size=image_size, **overrides)
+        tok = build_tokenizer(instructions or [], text_vocab_size=config.text_vocab_size)
+        return VLAPolicy(TinyVLA(config), tok, None, device=device)
+    return load_policy(spec, device=device)

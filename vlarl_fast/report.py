@@ -1,0 +1,65 @@
+"""Run outputs a person reads: the per-task table, the success plot, summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def success_table(before: dict | None, after: dict | None, title: str = "Success per task"):
+    """A rich Table of per-task success (after SFT, after RL, delta)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("task")
+    if before is not None:
+        table.add_column("after SFT", justify="right")
+    if after is not None:
+        table.add_column("after RL", justify="right")
+    if before is not None and after is not None:
+        table.add_column("delta", justify="right")
+    tasks = list((before or after)["per_task"])
+    rows = tasks + ["average"]
+    for t in rows:
+        vals = []
+        for r in (before, after):
+            if r is not None:
+                vals.append(r["success"] if t == "average" else r["per_task"][t])
+        cells = [f"{100 * v:.1f}%" for v in vals]
+        if len(vals) == 2:
+            cells.append(f"{100 * (vals[1] - vals[0]):+.1f}")
+        table.add_row(t, *cells, style="bold" if t == "average" else None)
+    return table
+
+
+def plot_success(history: list[dict], evals: list[tuple[int, float, str]], path: Path) -> None:
+    """Training success (episodes finished in each iteration) and evaluation points vs env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [h["env_steps"] for h in history if h["success"] == h["success"]]
+    ys = [100 * h["success"] for h in history if h["success"] == h["success"]]
+    if xs:
+        ax.plot(xs, ys, "-o", ms=3, label="rollout success (sampled)")
+    for step, value, label in evals:
+        ax.scatter([step], [100 * value], s=60, zorder=3, label=label)
+    ax.set_xlabel("environment steps (RL)")
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

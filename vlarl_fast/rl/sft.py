@@ -1,0 +1,64 @@
+"""Supervised fine-tuning (behaviour cloning) on demonstrations: cross-entropy on the 7
+action tokens of each step, the whole model trained (vision tower included)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..policy import NormStats, VLAPolicy
+
+
+def demos_to_arrays(episodes: list[dict]) -> dict:
+    if not episodes:
+        raise ValueError("no demonstrations to train on (the expert produced no successful episode)")
+    images = np.concatenate([e["images"] for e in episodes])
+    states = np.concatenate([e["states"] for e in episodes]).astype(np.float32)
+    actions = np.concatenate([e["actions"] for e in episodes]).astype(np.float32)
+    instructions = [e["instruction"] for e in episodes for _ in range(len(e["actions"]))]
+    return {"images": images, "states": states, "actions": actions, "instructions": instructions}
+
+
+def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+              seed: int, fit_stats: bool = True, progress=None, log=None) -> list[float]:
+    """Behaviour cloning; fits q01/q99 action statistics from the data first (if asked).
+
+    Returns the mean loss per epoch."""
+    if fit_stats or policy.norm_stats is None:
+        policy.norm_stats = NormStats.from_actions(data["actions"])
+    tokens = policy.tokens_from_actions(data["actions"])
+    n = len(tokens)
+    model = policy.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    rng = np.random.default_rng(seed)
+    losses = []
+    for epoch in range(epochs):
+        perm = rng.permutation(n)
+        tot, cnt = 0.0, 0
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch_size:(s + 1) * batch_size]
+            imgs, st = policy.to_tensor_obs(data["images"][idx], data["states"][idx])
+            text_ids, text_mask = policy.encode_prompts([data["instructions"][i] for i in idx])
+            feats = model.encode_images(imgs)
+            logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens[idx])
+            loss = -logp.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tot += float(loss) * len(idx)
+            cnt += len(idx)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+        losses.append(tot / cnt)
+        if log is not None:
+            log(epoch, losses[-1])
+    model.eval()
+    return losses

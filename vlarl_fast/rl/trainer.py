@@ -1,0 +1,192 @@
+"""Trajectory-level PPO for a token-emitting VLA (VLA-RL's formulation).
+
+Where this departs from textbook PPO, on purpose:
+- an action is 7 tokens; its log-prob is the sum of the token log-probs, so there is one ratio,
+  one value and one reward per environment step (an episode is a multi-turn conversation);
+- the old log-probs are the ones the rollout pass sampled with, never recomputed in the update
+  (recomputing them inside the update makes the first ratio identically 1);
+- a time-limit truncation bootstraps from V(final observation) instead of counting as failure;
+- the first ``critic_warmup`` iterations update only the critic (value head);
+- the clip range may be asymmetric (clip_low, clip_high);
+- with ``freeze_vision`` the vision tower is fixed during RL, so its rollout features are
+  reused by the update instead of re-encoding every image.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import PPOConfig
+from ..envs import VectorEnv
+from ..kernels import gae
+from ..policy import VLAPolicy
+from .buffer import RolloutBuffer
+from .ppo import explained_variance, normalize_advantages, ppo_losses
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    env_steps: int
+    sps: float
+    episodes: int
+    success: float
+    episode_return: float
+    pg_loss: float
+    v_loss: float
+    entropy: float
+    approx_kl: float
+    clipfrac: float
+    explained_variance: float
+    critic_only: bool
+    skipped_updates: int
+
+
+class PPOTrainer:
+    def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0):
+        self.policy, self.envs, self.cfg = policy, envs, cfg
+        model = policy.model
+        if cfg.freeze_vision:
+            for p in model.vision.parameters():
+                p.requires_grad_(False)
+        value_params = list(model.value_head.parameters())
+        value_ids = {id(p) for p in value_params}
+        policy_params = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
+        self.optimizer = torch.optim.Adam([
+            {"params": policy_params, "lr": cfg.learning_rate},
+            {"params": value_params, "lr": cfg.critic_learning_rate}], eps=1e-5)
+        self.generator = torch.Generator(device=policy.device).manual_seed(seed)
+        feat_shape = (model.config.num_image_tokens, model.config.vision_hidden * model.config.pixel_shuffle ** 2)
+        size = model.config.image_size
+        obs_shape, obs_dtype = (feat_shape, torch.float32) if cfg.freeze_vision else ((size, size, 3), torch.uint8)
+        self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, obs_shape, obs_dtype, model.config.state_dim)
+        self.obs, _ = envs.reset(seed=seed)
+        self.iteration = 0
+        self.global_step = 0
+
+    # ---- rollout ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self) -> dict:
+        cfg, buf, pol = self.cfg, self.buffer, self.policy
+        pol.model.eval()
+        successes, returns = [], []
+        for t in range(cfg.num_steps):
+            instructions = self.envs.instructions
+            out = pol.act(self.obs["image"], self.obs["state"], instructions, temperature=cfg.temperature,
+                          generator=self.generator)
+            obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(self.obs["image"])
+            buf.add(t, obs_store, torch.as_tensor(self.obs["state"]), out.tokens.cpu(), out.logprobs.cpu(),
+                    out.values.cpu(), instructions)
+            next_obs, reward, term, trunc, info = self.envs.step(out.actions)
+            if not np.isfinite(reward).all():
+                raise FloatingPointError("non-finite reward from the environment")
+            buf.rewards[t] = torch.as_tensor(reward)
+            buf.terminated[t] = torch.as_tensor(term, dtype=torch.float32)
+            buf.episode_end[t] = torch.as_tensor(term | trunc, dtype=torch.float32)
+            # bootstrap value of the final observation at time-limit truncations
+            trunc_ids = np.flatnonzero(trunc & ~term)
+            if len(trunc_ids):
+                fo = info["final_obs"]
+                buf.next_values[t, trunc_ids] = pol.value(fo["image"][trunc_ids], fo["state"][trunc_ids],
+                                                          [instructions[i] for i in trunc_ids]).cpu()
+            for j in np.flatnonzero(info["done"]):
+                successes.append(bool(info["success"][j]))
+                returns.append(float(info["episode_return"][j]))
+            self.obs = next_obs
+            self.global_step += self.envs.num_envs
+        last_values = pol.value(self.obs["image"], self.obs["state"], self.envs.instructions).cpu()
+        # next_values_t = V(s_{t+1}) for steps that did not end an episode
+        following = torch.cat([buf.values[1:], last_values[None]], 0)
+        ended = buf.episode_end.bool()
+        buf.next_values = torch.where(ended, buf.next_values, following)
+        buf.next_values[buf.terminated.bool()] = 0.0
+        return {"successes": successes, "returns": returns}
+
+    # ---- update ----------------------------------------------------------------------------
+    def update(self, critic_only: bool) -> dict:
+        cfg, buf, pol = self.cfg, self.buffer, self.policy
+        advantages, returns = gae(buf.rewards, buf.values, buf.next_values, buf.terminated, buf.episode_end,
+                                  cfg.gamma, cfg.lam)
+        data = buf.flat()
+        B = buf.T * buf.N
+        adv_flat, ret_flat = advantages.reshape(B), returns.reshape(B)
+        old_logp = data["logprobs"].sum(-1)
+        model = pol.model
+        model.train()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        rng = np.random.default_rng(self.iteration)
+        stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
+        skipped = 0
+        mb = min(cfg.minibatch_size, B)
+        stop = False
+        for epoch in range(cfg.update_epochs):
+            perm = rng.permutation(B)
+            for start in range(0, B, mb):
+                idx = perm[start:start + mb]
+                text_ids, text_mask = pol.encode_prompts([data["instructions"][i] for i in idx])
+                states = data["states"][idx].to(pol.device)
+                tokens = data["tokens"][idx].to(pol.device)
+                obs = data["obs"][idx].to(pol.device)
+                feats = obs if cfg.freeze_vision else model.encode_images(obs)
+                if critic_only:
+                    with torch.no_grad():
+                        h, _ = model.forward_actions(feats, states, text_ids, text_mask, tokens)
+                    values = model.value_from_hidden(h[:, 0])
+                    v_loss = 0.5 * ((values.cpu() - ret_flat[idx]) ** 2).mean()
+                    loss = cfg.vf_coef * v_loss
+                    pg_loss = ent = kl = cf = torch.zeros(())
+                else:
+                    logp, ent_tok, values = pol.evaluate_actions(feats, states, text_ids, text_mask, tokens,
+                                                                 temperature=cfg.temperature)
+                    mb_adv = adv_flat[idx].to(pol.device)
+                    if cfg.norm_adv:
+                        mb_adv = normalize_advantages(mb_adv)
+                    pg_loss, v_loss, kl, cf = ppo_losses(logp.sum(-1), old_logp[idx].to(pol.device), mb_adv,
+                                                         values, ret_flat[idx].to(pol.device),
+                                                         clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+                    ent = ent_tok.mean()
+                    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    skipped += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                self.optimizer.step()
+                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", ent), ("approx_kl", kl),
+                             ("clipfrac", cf)):
+                    stats[k].append(float(v))
+                if not critic_only and cfg.target_kl is not None and float(kl) > cfg.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        model.eval()
+        out = {k: (float(np.mean(v)) if v else math.nan) for k, v in stats.items()}
+        out["explained_variance"] = explained_variance(buf.values.reshape(-1), ret_flat)
+        out["skipped_updates"] = skipped
+        return out
+
+    def train_iteration(self) -> IterationStats:
+        t0 = time.perf_counter()
+        roll = self.collect()
+        critic_only = self.iteration < self.cfg.critic_warmup
+        upd = self.update(critic_only)
+        dt = time.perf_counter() - t0
+        self.iteration += 1
+        n = len(roll["successes"])
+        return IterationStats(
+            iteration=self.iteration, env_steps=self.global_step, sps=self.cfg.num_steps * self.envs.num_envs / dt,
+            episodes=n, success=float(np.mean(roll["successes"])) if n else math.nan,
+            episode_return=float(np.mean(roll["returns"])) if n else math.nan,
+            pg_loss=upd["pg_loss"], v_loss=upd["v_loss"], entropy=upd["entropy"], approx_kl=upd["approx_kl"],
+            clipfrac=upd["clipfrac"], explained_variance=upd["explained_variance"], critic_only=critic_only,
+            skipped_updates=upd["skipped_updates"])

@@ -1,0 +1,189 @@
+"""`vlarl-fast train`: SFT on scripted demos -> PPO -> evaluation, with every output a run needs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .envs import VectorEnv, get_task, list_tasks, make_env
+from .policy import make_policy, save_policy
+from .report import plot_success, success_table, write_json_atomic
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to output directory {str(out)!r} ({e.strerror}); "
+                         "choose another with --output-dir") from None
+    return out
+
+
+def resolve_tasks(cfg: TrainConfig) -> list[str]:
+    tasks = list(cfg.env.tasks) or list_tasks(cfg.env.suite)
+    for t in tasks:
+        get_task(t)  # raises UnknownTaskError with suggestions
+    return tasks
+
+
+class _Logger:
+    def __init__(self, out: Path, tensorboard: bool):
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out / "tb"))
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
+    from .rl.evaluate import evaluate
+    n = len(tasks) * cfg.eval.init_states * cfg.eval.episodes_per_state
+    with _bar(n, f"eval ({label})", cfg.progress) as bar:
+        return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
+                        num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
+                        greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar)
+
+
+def train(cfg: TrainConfig) -> dict:
+    from rich.console import Console
+
+    from .envs.tabletop.expert import collect_demos
+    from .rl.sft import demos_to_arrays, sft_train
+    from .rl.trainer import PPOTrainer
+
+    console = Console()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = prepare_output_dir(cfg.output_dir)
+    tasks = resolve_tasks(cfg)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    instructions = [get_task(t).instruction for t in tasks]
+    policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
+                         device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers)
+    logger = _Logger(out, cfg.tensorboard)
+    summary: dict = {"tasks": tasks, "seed": cfg.seed}
+    timings: dict[str, float] = {}
+
+    # ---- 1. SFT -----------------------------------------------------------------------------
+    sft_eval = None
+    if not cfg.skip_sft:
+        t0 = time.perf_counter()
+        with _bar(len(tasks) * cfg.sft.demos_per_task, "demos", cfg.progress) as bar:
+            episodes = collect_demos(tasks, cfg.sft.demos_per_task, noise=cfg.sft.demo_noise, seed=cfg.seed,
+                                     image_size=cfg.env.image_size, progress=bar)
+        data = demos_to_arrays(episodes)
+        steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
+        with _bar(steps, "sft", cfg.progress) as bar:
+            losses = sft_train(policy, data, epochs=cfg.sft.epochs, batch_size=cfg.sft.batch_size,
+                               lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay, seed=cfg.seed, progress=bar,
+                               log=lambda e, l: logger.scalars("sft", {"loss": l}, e))
+        timings["sft_s"] = time.perf_counter() - t0
+        console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "
+                      f"{losses[-1]:.3f} ({timings['sft_s']:.0f} s)")
+        save_policy(policy, out / "checkpoints" / "sft", extra={"stage": "sft"})
+        t0 = time.perf_counter()
+        sft_eval = run_eval(policy, cfg, tasks, "after SFT")
+        timings["eval_sft_s"] = time.perf_counter() - t0
+        console.print(f"after SFT: success {100 * sft_eval['success']:.1f}% over {sft_eval['episodes']} episodes")
+        logger.scalars("eval", {"success": sft_eval["success"]}, 0)
+    elif policy.norm_stats is None:
+        raise SystemExit("error: --skip-sft needs a --policy.policy checkpoint that has action statistics "
+                         "(dataset_statistics.json); the 'tiny' preset has none")
+
+    rl_eval, env_steps, history = None, 0, []
+    if cfg.ppo.iterations > 0:
+        # ---- 2. PPO -----------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        n_tasks = len(tasks)
+        fns = [(lambda t=tasks[i % n_tasks], i=i: make_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
+                                                             seed=cfg.seed * 1000 + i))
+               for i in range(cfg.env.num_envs)]
+        envs = VectorEnv(fns)
+        try:
+            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed)
+            with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar:
+                for _ in range(cfg.ppo.iterations):
+                    st = trainer.train_iteration()
+                    row = dataclasses.asdict(st)
+                    history.append(row)
+                    logger.scalars("ppo", row, st.env_steps)
+                    bar.update(1)
+                    bar.set_postfix(success=f"{st.success:.2f}", kl=f"{st.approx_kl:.3f}")
+                    bar.write(f"iter {st.iteration:3d} | steps {st.env_steps:7d} | SPS {st.sps:5.0f} | "
+                              f"success {st.success:5.2f} ({st.episodes:3d} ep) | return {st.episode_return:6.3f} | "
+                              f"approx_kl {st.approx_kl:6.4f} | clipfrac {st.clipfrac:5.3f} | "
+                              f"explained_var {st.explained_variance:5.2f} | v_loss {st.v_loss:6.4f} | "
+                              f"entropy {st.entropy:5.3f}{' | critic warm-up' if st.critic_only else ''}"
+                              f"{f' | skipped {st.skipped_updates} non-finite updates' if st.skipped_updates else ''}")
+        finally:
+            envs.close()
+        timings["rl_s"] = time.perf_counter() - t0
+        save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl", "iterations": cfg.ppo.iterations})
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+
+        # ---- 3. evaluation ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        rl_eval = run_eval(policy, cfg, tasks, "after RL")
+        timings["eval_rl_s"] = time.perf_counter() - t0
+        env_steps = trainer.global_step
+        logger.scalars("eval", {"success": rl_eval["success"]}, env_steps)
+        evals = ([(0, sft_eval["success"], "eval after SFT")] if sft_eval else []) + \
+            [(env_steps, rl_eval["success"], "eval after RL")]
+        plot_success(history, evals, out / "success.png")
+        console.print(success_table(sft_eval, rl_eval))
+    if rl_eval is None:
+        save_policy(policy, out / "checkpoints" / "final", extra={"stage": "sft"})
+        if sft_eval is not None:
+            console.print(success_table(sft_eval, None))
+    summary.update({
+        "sft_success": None if sft_eval is None else sft_eval["success"],
+        "rl_success": None if rl_eval is None else rl_eval["success"],
+        "eval_episodes": (rl_eval or sft_eval or {}).get("episodes", 0),
+        "env_steps": env_steps,
+        "wall_time_s": time.perf_counter() - t_start,
+        "sft_per_task": None if sft_eval is None else sft_eval["per_task"],
+        "rl_per_task": None if rl_eval is None else rl_eval["per_task"],
+        "timings_s": timings,
+        "eval_greedy": cfg.eval.greedy,
+        "reward": cfg.env.reward,
+    })
+    write_json_atomic(out / "summary.json", summary)
+    logger.close()
+    console.print(f"wrote {out / 'summary.json'}, {out / 'success.png'}, checkpoints in {out / 'checkpoints'} "
+                  f"({summary['wall_time_s']:.0f} s)")
+    return summary
