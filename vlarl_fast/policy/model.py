@@ -43,6 +43,7 @@ class VLAConfig:
     value_hidden: int = 256
     value_detach: bool = True  # critic gradients stay out of the shared backbone
     max_positions: int = 256
+    prompt_style: str = "instruction"  # "openvla": 'what action should the robot take to ...?'
     model_type: str = "vlarl-tiny-vla"
 
     @property

@@ -48,7 +48,7 @@ class VLAPolicy:
         for ins in instructions:
             ids = self._prompt_cache.get(ins)
             if ids is None:
-                ids = self.tokenizer(prompt_text(ins), add_special_tokens=False)["input_ids"]
+                ids = self.tokenizer(prompt_text(ins, self.config.prompt_style), add_special_tokens=False)["input_ids"]
                 self._prompt_cache[ins] = ids
             rows.append(ids)
         L = max(len(r) for r in rows)

@@ -46,6 +46,12 @@ def build_tokenizer(texts: list[str], text_vocab_size: int = 384) -> PreTrainedT
     return fast
 
 
-def prompt_text(instruction: str) -> str:
-    """OpenVLA's prompt wording, lower-cased instruction."""
-    return f"what action should the robot take to {instruction.strip().lower().rstrip('.')}?"
+def prompt_text(instruction: str, style: str = "openvla") -> str:
+    """The text part of the prompt. 'openvla' is OpenVLA's wording; 'instruction' is the bare
+    instruction (fewer tokens per step for small models trained from scratch)."""
+    ins = instruction.strip().lower().rstrip(".")
+    if style == "openvla":
+        return f"what action should the robot take to {ins}?"
+    if style == "instruction":
+        return ins
+    raise ValueError(f"unknown prompt style {style!r}; use 'openvla' or 'instruction'")

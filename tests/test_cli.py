@@ -1,0 +1,75 @@
+"""The real entry point, end to end at tiny sizes, and its error messages."""
+import json
+import os
+
+import pytest
+
+from vlarl_fast.cli import main
+from vlarl_fast.policy import load_policy
+
+
+def test_help_lists_options(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--ppo.clip-high", "--ppo.critic-warmup", "--env.reward", "--preset", "--config", "--output-dir"):
+        assert opt in out
+
+
+def test_unknown_command(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_smoke_train_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--output-dir", str(out), "--progress", "False"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("sft_success", "rl_success", "eval_episodes", "env_steps", "wall_time_s"):
+        assert key in summary
+    assert summary["eval_episodes"] == 2 and summary["env_steps"] == 2 * 4 * 4
+    assert (out / "success.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    load_policy(out / "checkpoints" / "final")
+    text = capsys.readouterr().out
+    assert "iter   2" in text and "approx_kl" in text and "clipfrac" in text
+
+    res = tmp_path / "eval"
+    assert main(["eval", "--policy", str(out / "checkpoints" / "final"), "--output-dir", str(res),
+                 "--env.tasks", "tabletop/reach_red", "--eval.init-states", "2", "--eval.episodes-per-state", "1",
+                 "--env.num-envs", "2", "--progress", "False"]) == 0
+    assert json.loads((res / "results.json").read_text())["episodes"] == 2
+
+
+def test_config_file_and_bad_preset(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"ppo": {"no_such_key": 1}}))
+    with pytest.raises(SystemExit, match="unknown config key 'ppo.no_such_key'"):
+        main(["train", "--config", str(cfg)])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        main(["train", "--preset", "nope"])
+
+
+def test_unknown_task_is_explained(tmp_path, capsys):
+    code = main(["train", "--preset", "smoke", "--env.tasks", "tabletop/reach_rde", "--output-dir", str(tmp_path)])
+    assert code == 2
+    assert "reach_red" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(SystemExit, match="cannot write to output directory"):
+        main(["train", "--preset", "smoke", "--output-dir", str(ro / "x")])
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit, match="cannot write to output directory"):
+        main(["train", "--preset", "smoke", "--output-dir", str(f)])

@@ -1,0 +1,136 @@
+"""Tasks of the tabletop suite: instruction, success predicate, progress potential, init states.
+
+Every task has a fixed set of initial states generated from a per-task constant seed (like
+LIBERO's init files), so "task t, initial state k" names the same scene on every machine.
+Progress potentials Phi(state) in [0, 1] give the optional dense reward
+``Phi(s') - Phi(s)`` (potential-based shaping with gamma = 1, which leaves the set of optimal
+policies unchanged for episodic tasks).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .scene import CUBE_HALF, CUBES, ZONE_HALF, ZONES
+
+NUM_INIT_STATES = 50
+REACH_TOL = 0.03          # fingertip centre to cube centre (xy) for "reach"
+REACH_Z_TOL = 0.05
+LIFT_HEIGHT = 0.08        # cube centre height for "pick up"
+SCALE = 0.4               # distances are normalised by this in the potentials
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sub-goal: 'reach' a cube, 'lift' it, move it onto a zone by 'push' or 'place'."""
+
+    kind: str
+    cube: str
+    zone: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task_id: str
+    instruction: str
+    max_episode_steps: int
+    difficulty: int
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+    num_init_states: int = NUM_INIT_STATES
+
+    @property
+    def name(self) -> str:
+        return self.task_id.split("/", 1)[1]
+
+
+TASKS: dict[str, TaskSpec] = {t.task_id: t for t in [
+    TaskSpec("tabletop/reach_red", "move the gripper to the red cube", 25, 1, (Step("reach", "red"),)),
+    TaskSpec("tabletop/reach_blue", "move the gripper to the blue cube", 25, 1, (Step("reach", "blue"),)),
+    TaskSpec("tabletop/lift_green", "pick up the green cube", 40, 2, (Step("lift", "green"),)),
+    TaskSpec("tabletop/push_red_to_yellow", "push the red cube onto the yellow square", 50, 2,
+             (Step("push", "red", "yellow"),)),
+    TaskSpec("tabletop/place_blue_on_purple", "put the blue cube on the purple square", 50, 3,
+             (Step("place", "blue", "purple"),)),
+    TaskSpec("tabletop/place_two", "put the red cube on the yellow square and then the green cube on the purple square",
+             90, 4, (Step("place", "red", "yellow"), Step("place", "green", "purple"))),
+]}
+
+
+# ---- initial states --------------------------------------------------------------------------
+def _sample_layout(rng: np.random.Generator) -> dict:
+    """Cube and zone positions with minimum separations; gripper starts high and open."""
+    for _ in range(1000):
+        zones = {z: rng.uniform([-0.14, -0.2], [0.14, 0.2]) for z in ZONES}
+        if np.linalg.norm(zones["yellow"] - zones["purple"]) < 2.4 * ZONE_HALF:
+            continue
+        cubes = {}
+        ok = True
+        for c in CUBES:
+            p = rng.uniform([-0.15, -0.2], [0.15, 0.2])
+            # cubes start off the zones and apart from each other
+            if any(np.abs(p - z).max() < ZONE_HALF + CUBE_HALF + 0.01 for z in zones.values()) or \
+               any(np.linalg.norm(p - q) < 0.09 for q in cubes.values()):
+                ok = False
+                break
+            cubes[c] = p
+        if not ok:
+            continue
+        hand = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.08, 0.08), rng.uniform(0.12, 0.16)])
+        yaws = {c: rng.uniform(-0.4, 0.4) for c in CUBES}
+        return {"zones": zones, "cubes": cubes, "cube_yaw": yaws, "hand": hand}
+    raise RuntimeError("could not sample a tabletop layout")
+
+
+def init_states(task: TaskSpec) -> list[dict]:
+    seed = zlib.crc32(task.task_id.encode())
+    rng = np.random.default_rng(seed)
+    return [_sample_layout(rng) for _ in range(task.num_init_states)]
+
+
+# ---- predicates and potentials ----------------------------------------------------------------
+def on_zone(cube_pos: np.ndarray, zone_pos: np.ndarray) -> bool:
+    return bool(np.abs(cube_pos[:2] - zone_pos[:2]).max() <= ZONE_HALF and cube_pos[2] < 2.5 * CUBE_HALF)
+
+
+def step_done(step: Step, s: dict) -> bool:
+    cube = s["cubes"][step.cube]
+    if step.kind == "reach":
+        return bool(np.linalg.norm(s["tip"][:2] - cube[:2]) < REACH_TOL and abs(s["tip"][2] - cube[2]) < REACH_Z_TOL)
+    if step.kind == "lift":
+        return bool(s["held"] == step.cube and cube[2] > LIFT_HEIGHT)
+    if step.kind == "push":
+        return on_zone(cube, s["zones"][step.zone])
+    if step.kind == "place":
+        return on_zone(cube, s["zones"][step.zone]) and s["held"] != step.cube
+    raise ValueError(step.kind)
+
+
+def step_progress(step: Step, s: dict, start: dict) -> float:
+    cube = s["cubes"][step.cube]
+    reach = 1.0 - min(1.0, np.linalg.norm(s["tip"] - cube) / SCALE)
+    if step.kind == "reach":
+        return reach
+    if step.kind == "lift":
+        held = float(s["held"] == step.cube)
+        return 0.5 * reach + 0.2 * held + 0.3 * held * min(1.0, max(0.0, cube[2] - CUBE_HALF) / (LIFT_HEIGHT - CUBE_HALF))
+    zone = s["zones"][step.zone]
+    d0 = max(1e-3, np.linalg.norm(start["cubes"][step.cube][:2] - zone[:2]))
+    moved = 1.0 - min(1.0, np.linalg.norm(cube[:2] - zone[:2]) / d0)
+    if step.kind == "push":
+        return 0.3 * reach + 0.7 * moved
+    held = float(s["held"] == step.cube)
+    return 0.3 * reach + 0.2 * held + 0.5 * moved
+
+
+def success(task: TaskSpec, s: dict) -> bool:
+    return all(step_done(st, s) for st in task.steps)
+
+
+def progress(task: TaskSpec, s: dict, start: dict, stage: int) -> float:
+    """Stage-wise potential: completed sub-goals count fully, the current one partially."""
+    n = len(task.steps)
+    if stage >= n:
+        return 1.0
+    return (stage + step_progress(task.steps[stage], s, start)) / n
