@@ -52,11 +52,11 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
             cnt += len(idx)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+                progress.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
         losses.append(tot / cnt)
         if log is not None:
             log(epoch, losses[-1])

@@ -163,7 +163,7 @@ class PPOTrainer:
                 self.optimizer.step()
                 for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", ent), ("approx_kl", kl),
                              ("clipfrac", cf)):
-                    stats[k].append(float(v))
+                    stats[k].append(float(v.detach()))
                 if not critic_only and cfg.target_kl is not None and float(kl) > cfg.target_kl:
                     stop = True
                     break

@@ -92,8 +92,8 @@ class ScriptedExpert:
         a = np.zeros(7)
         a[:3] = move
         a[6] = grip
-        if self.noise > 0:
-            a[:6] += self.rng.normal(0.0, self.noise, size=6)
+        if self.noise > 0:  # on the motion that matters; roll/pitch/yaw stay as commanded
+            a[:3] += self.rng.normal(0.0, self.noise, size=3)
         return np.clip(a, -1.0, 1.0).astype(np.float32)
 
 
