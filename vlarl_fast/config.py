@@ -38,12 +38,14 @@ class PolicyConfig:
 
 @dataclass
 class SFTConfig:
-    demos_per_task: int = 40
+    demos_per_task: int = 50
     """Scripted-expert demonstrations per task (successful episodes only)."""
-    demo_noise: float = 0.3
-    """Std of the Gaussian noise the expert adds to its motion commands (imperfect demos)."""
-    epochs: int = 6
+    demo_noise: float = 0.1
+    """Std of the Gaussian noise on the executed motion commands; labels stay the expert's intent (DART)."""
+    epochs: int = 15
     """Passes over the demonstration steps."""
+    augment_pad: int = 3
+    """Random-shift image augmentation: pad by this many pixels and crop back (0: off)."""
     batch_size: int = 64
     """Steps per gradient update."""
     learning_rate: float = 1e-3

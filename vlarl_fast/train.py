@@ -100,7 +100,6 @@ def train(cfg: TrainConfig) -> dict:
     timings: dict[str, float] = {}
 
     # ---- 1. SFT -----------------------------------------------------------------------------
-    sft_eval = None
     if not cfg.skip_sft:
         t0 = time.perf_counter()
         with _bar(len(tasks) * cfg.sft.demos_per_task, "demos", cfg.progress) as bar:
@@ -110,20 +109,22 @@ def train(cfg: TrainConfig) -> dict:
         steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
         with _bar(steps, "sft", cfg.progress) as bar:
             losses = sft_train(policy, data, epochs=cfg.sft.epochs, batch_size=cfg.sft.batch_size,
-                               lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay, seed=cfg.seed, progress=bar,
+                               lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
+                               augment_pad=cfg.sft.augment_pad, progress=bar,
                                log=lambda e, l: logger.scalars("sft", {"loss": l}, e))
         timings["sft_s"] = time.perf_counter() - t0
         console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "
                       f"{losses[-1]:.3f} ({timings['sft_s']:.0f} s)")
         save_policy(policy, out / "checkpoints" / "sft", extra={"stage": "sft"})
-        t0 = time.perf_counter()
-        sft_eval = run_eval(policy, cfg, tasks, "after SFT")
-        timings["eval_sft_s"] = time.perf_counter() - t0
-        console.print(f"after SFT: success {100 * sft_eval['success']:.1f}% over {sft_eval['episodes']} episodes")
-        logger.scalars("eval", {"success": sft_eval["success"]}, 0)
     elif policy.norm_stats is None:
         raise SystemExit("error: --skip-sft needs a --policy.policy checkpoint that has action statistics "
                          "(dataset_statistics.json); the 'tiny' preset has none")
+    t0 = time.perf_counter()
+    sft_eval = run_eval(policy, cfg, tasks, "after SFT" if not cfg.skip_sft else "start")
+    timings["eval_sft_s"] = time.perf_counter() - t0
+    console.print(f"{'after SFT' if not cfg.skip_sft else 'start policy'}: success {100 * sft_eval['success']:.1f}% "
+                  f"over {sft_eval['episodes']} episodes")
+    logger.scalars("eval", {"success": sft_eval["success"]}, 0)
 
     rl_eval, env_steps, history = None, 0, []
     if cfg.ppo.iterations > 0:

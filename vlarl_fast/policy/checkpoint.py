@@ -79,6 +79,7 @@ def load_policy(path: str | os.PathLike, device="cpu") -> VLAPolicy:
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     tok.padding_side = "left"
     stats = NormStats.load(path / STATS) if (path / STATS).exists() else None
+    model.eval()
     return VLAPolicy(model, tok, stats, device=device)
 
 
@@ -89,5 +90,5 @@ def make_policy(spec: str, *, instructions: list[str] | None = None, image_size:
         torch.manual_seed(seed)
         config = VLAConfig(image_size=image_size, **overrides)
         tok = build_tokenizer(instructions or [], text_vocab_size=config.text_vocab_size)
-        return VLAPolicy(TinyVLA(config), tok, None, device=device)
+        return VLAPolicy(TinyVLA(config).eval(), tok, None, device=device)
     return load_policy(spec, device=device)

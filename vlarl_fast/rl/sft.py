@@ -20,8 +20,22 @@ def demos_to_arrays(episodes: list[dict]) -> dict:
     return {"images": images, "states": states, "actions": actions, "instructions": instructions}
 
 
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """DrQ-style augmentation: replicate-pad by ``pad`` pixels, crop back at a random offset per image."""
+    if pad <= 0:
+        return images
+    B, H, W, C = images.shape
+    x = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (pad,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator)
+    rows = (dy[:, None] + torch.arange(H)[None])[:, :, None].expand(B, H, W)
+    cols = (dx[:, None] + torch.arange(W)[None])[:, None, :].expand(B, H, W)
+    out = x[torch.arange(B)[:, None, None], :, rows, cols]  # [B, H, W, C]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
-              seed: int, fit_stats: bool = True, progress=None, log=None) -> list[float]:
+              seed: int, fit_stats: bool = True, augment_pad: int = 0, progress=None, log=None) -> list[float]:
     """Behaviour cloning; fits q01/q99 action statistics from the data first (if asked).
 
     Returns the mean loss per epoch."""
@@ -36,6 +50,7 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
     total = max(1, epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     losses = []
     for epoch in range(epochs):
         perm = rng.permutation(n)
@@ -43,6 +58,7 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
             imgs, st = policy.to_tensor_obs(data["images"][idx], data["states"][idx])
+            imgs = random_shift(imgs.cpu(), augment_pad, gen).to(imgs.device)
             text_ids, text_mask = policy.encode_prompts([data["instructions"][i] for i in idx])
             feats = model.encode_images(imgs)
             logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens[idx])

@@ -60,7 +60,7 @@ class PPOTrainer:
             {"params": policy_params, "lr": cfg.learning_rate},
             {"params": value_params, "lr": cfg.critic_learning_rate}], eps=1e-5)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
-        feat_shape = (model.config.num_image_tokens, model.config.vision_hidden * model.config.pixel_shuffle ** 2)
+        feat_shape = (model.config.num_image_tokens, model.config.feature_dim)
         size = model.config.image_size
         obs_shape, obs_dtype = (feat_shape, torch.float32) if cfg.freeze_vision else ((size, size, 3), torch.uint8)
         self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, obs_shape, obs_dtype, model.config.state_dim)
@@ -117,6 +117,8 @@ class PPOTrainer:
         old_logp = data["logprobs"].sum(-1)
         model = pol.model
         model.train()
+        # batch-norm statistics stay those of the rollout, so the update scores the same policy
+        model.vision.eval()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         rng = np.random.default_rng(self.iteration)
         stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}

@@ -1,8 +1,10 @@
 """Scripted experts (privileged simulator state) and demonstration collection.
 
 Each sub-goal is a small state machine over the grasp point; the expert emits the same 7-D
-normalised action a policy would, optionally with Gaussian noise on the motion part so that
-demonstrations are imperfect, as human teleoperation is.
+normalised action a policy would, optionally with Gaussian noise on the motion part.
+Demonstrations execute the noisy action but, by default, record the expert's intended (clean)
+action as the label (DART, Laskey et al. 2017): the data then covers the states a drifting
+policy visits, with the corrective action for each.
 """
 from __future__ import annotations
 
@@ -92,15 +94,18 @@ class ScriptedExpert:
         a = np.zeros(7)
         a[:3] = move
         a[6] = grip
+        self.last_clean = np.clip(a, -1.0, 1.0).astype(np.float32)
         if self.noise > 0:  # on the motion that matters; roll/pitch/yaw stay as commanded
             a[:3] += self.rng.normal(0.0, self.noise, size=3)
         return np.clip(a, -1.0, 1.0).astype(np.float32)
 
 
 def collect_demos(task_ids: list[str], episodes_per_task: int, noise: float = 0.0, seed: int = 0,
-                  image_size: int = 64, only_success: bool = True, progress=None, max_attempts: int = 4) -> list[dict]:
+                  image_size: int = 64, only_success: bool = True, progress=None, max_attempts: int = 4,
+                  clean_labels: bool = True) -> list[dict]:
     """Run the expert; each episode: images [T,H,W,3] uint8, states [T,8], actions [T,7], instruction,
-    task_id, init_state, success. Init states are dealt round-robin over the task's fixed set."""
+    task_id, init_state, success. Init states are dealt round-robin over the task's fixed set.
+    ``clean_labels``: record the intended action (DART) rather than the executed noisy one."""
     from ..registry import make_env
 
     rng = np.random.default_rng(seed)
@@ -120,7 +125,7 @@ def collect_demos(task_ids: list[str], episodes_per_task: int, noise: float = 0.
                 a = expert.act(obs)
                 imgs.append(obs["image"])
                 states.append(obs["state"])
-                actions.append(a)
+                actions.append(expert.last_clean if clean_labels else a)
                 obs, _, term, trunc, step_info = env.step(a)
                 if term or trunc:
                     success = bool(step_info["success"])
