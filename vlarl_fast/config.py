@@ -42,9 +42,9 @@ class SFTConfig:
     """Scripted-expert demonstrations per task (successful episodes only)."""
     demo_noise: float = 0.1
     """Std of the Gaussian noise on the executed motion commands; labels stay the expert's intent (DART)."""
-    epochs: int = 15
+    epochs: int = 20
     """Passes over the demonstration steps."""
-    augment_pad: int = 3
+    augment_pad: int = 0
     """Random-shift image augmentation: pad by this many pixels and crop back (0: off)."""
     batch_size: int = 64
     """Steps per gradient update."""
@@ -56,7 +56,7 @@ class SFTConfig:
 
 @dataclass
 class PPOConfig:
-    iterations: int = 40
+    iterations: int = 30
     """PPO iterations (each: a rollout of num_steps x num_envs env steps, then the update)."""
     num_steps: int = 32
     """Environment steps per env per iteration (the rollout horizon T)."""

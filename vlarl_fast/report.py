@@ -59,7 +59,7 @@ def plot_success(history: list[dict], evals: list[tuple[int, float, str]], path:
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -163,7 +163,7 @@ def train(cfg: TrainConfig) -> dict:
         timings["eval_rl_s"] = time.perf_counter() - t0
         env_steps = trainer.global_step
         logger.scalars("eval", {"success": rl_eval["success"]}, env_steps)
-        evals = ([(0, sft_eval["success"], "eval after SFT")] if sft_eval else []) + \
+        evals = ([(0, sft_eval["success"], "eval before RL")] if sft_eval else []) + \
             [(env_steps, rl_eval["success"], "eval after RL")]
         plot_success(history, evals, out / "success.png")
         console.print(success_table(sft_eval, rl_eval))
@@ -185,6 +185,6 @@ def train(cfg: TrainConfig) -> dict:
     })
     write_json_atomic(out / "summary.json", summary)
     logger.close()
-    console.print(f"wrote {out / 'summary.json'}, {out / 'success.png'}, checkpoints in {out / 'checkpoints'} "
-                  f"({summary['wall_time_s']:.0f} s)")
+    console.print(f"wrote {out / 'summary.json'}{', ' + str(out / 'success.png') if history else ''}, "
+                  f"checkpoints in {out / 'checkpoints'} ({summary['wall_time_s']:.0f} s)")
     return summary
