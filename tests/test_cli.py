@@ -42,6 +42,9 @@ def test_smoke_train_writes_every_output(tmp_path, capsys):
                  "--env.tasks", "tabletop/reach_red", "--eval.init-states", "2", "--eval.episodes-per-state", "1",
                  "--env.num-envs", "2", "--progress", "False"]) == 0
     assert json.loads((res / "results.json").read_text())["episodes"] == 2
+    assert main(["eval", "--policy", "tiny", "--output-dir", str(res), "--env.tasks", "tabletop/reach_blue",
+                 "--eval.init-states", "1", "--eval.episodes-per-state", "1", "--progress", "False"]) == 0
+    assert main(["eval", "--policy", str(tmp_path / "nope"), "--output-dir", str(res)]) == 2
 
 
 def test_config_file_and_bad_preset(tmp_path):

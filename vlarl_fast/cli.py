@@ -24,7 +24,7 @@ class EvalCommand:
     """Evaluate a policy (checkpoint directory) over every task and initial state."""
 
     policy: str
-    """Checkpoint directory (as written by `vlarl-fast train` or `sft`)."""
+    """Checkpoint directory (as written by `vlarl-fast train` or `sft`), or the preset 'tiny' (random weights)."""
     output_dir: str = "runs/eval"
     """Where results.json goes."""
     seed: int = 0
@@ -70,16 +70,17 @@ def cmd_train(args: list[str], prog="vlarl-fast train", sft_only: bool = False) 
 def cmd_eval(args: list[str]) -> int:
     from rich.console import Console
 
-    from .envs import list_tasks
-    from .policy import load_policy
+    from .envs import get_task, list_tasks
+    from .policy import make_policy
     from .report import success_table, write_json_atomic
     from .train import _bar, prepare_output_dir
     from .rl.evaluate import evaluate
 
     cfg = _parse(EvalCommand, args, "vlarl-fast eval")
     out = prepare_output_dir(cfg.output_dir)
-    policy = load_policy(cfg.policy, device=cfg.device)
     tasks = list(cfg.env.tasks) or list_tasks(cfg.env.suite)
+    policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
+                         image_size=cfg.env.image_size, seed=cfg.seed, device=cfg.device)
     n = len(tasks) * cfg.eval.init_states * cfg.eval.episodes_per_state
     with _bar(n, "eval", cfg.progress) as bar:
         res = evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
