@@ -1,5 +1,9 @@
 // A named POSIX shared-memory region (shm_open + mmap), created by one process and attached
-// by others. The creator unlinks the name when it closes, so no segment outlives the manager.
+// by others (workers started with spawn/forkserver find it by name).
+//
+// Lifetime: the creator (owner) unlinks the name when it closes, so no segment outlives the
+// manager; the mapping itself stays valid until the object is destroyed, because numpy views
+// handed to Python may still point into it (unmapping under a live view would crash).
 #pragma once
 
 #include <fcntl.h>
@@ -14,71 +18,102 @@
 
 namespace vlarl {
 
+// POSIX wants "/name" with no further slash; add the leading slash if the caller left it out.
+inline std::string normalize_shm_name(const std::string& name) {
+  std::string n = (!name.empty() && name[0] == '/') ? name : "/" + name;
+  if (n.size() < 2 || n.size() > 250 || n.find('/', 1) != std::string::npos)
+    throw std::invalid_argument("shared-memory names are 1 to 249 characters without '/': '" + name + "'");
+  return n;
+}
+
 class ShmRegion {
  public:
+  ShmRegion() = default;
+
   static ShmRegion create(const std::string& name, size_t size) {
-    int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0) throw std::runtime_error("shm_open(" + name + ") failed: " + std::strerror(errno));
+    std::string n = normalize_shm_name(name);
+    int fd = shm_open(n.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) {
+      int err = errno;
+      if (err == EEXIST)
+        throw std::runtime_error("shared memory " + n + " already exists (pick another name, or unlink the stale one)");
+      throw std::runtime_error("shm_open(" + n + ") failed: " + std::strerror(err));
+    }
     if (ftruncate(fd, static_cast<off_t>(size)) != 0) {
       int err = errno;
-      close(fd);
-      shm_unlink(name.c_str());
-      throw std::runtime_error("ftruncate(" + name + ") failed: " + std::strerror(err));
+      ::close(fd);
+      shm_unlink(n.c_str());
+      throw std::runtime_error("ftruncate(" + n + ") failed: " + std::strerror(err));
     }
-    return ShmRegion(name, fd, size, /*owner=*/true);
+    return ShmRegion(n, fd, size, /*owner=*/true);
   }
 
   static ShmRegion attach(const std::string& name) {
-    int fd = shm_open(name.c_str(), O_RDWR, 0600);
-    if (fd < 0) throw std::runtime_error("no shared batch named " + name + ": " + std::strerror(errno));
+    std::string n = normalize_shm_name(name);
+    int fd = shm_open(n.c_str(), O_RDWR, 0600);
+    if (fd < 0) {
+      int err = errno;
+      throw std::runtime_error("no shared batch named " + n + ": " + std::strerror(err));
+    }
     struct stat st {};
     if (fstat(fd, &st) != 0) {
       int err = errno;
-      close(fd);
-      throw std::runtime_error("fstat(" + name + ") failed: " + std::strerror(err));
+      ::close(fd);
+      throw std::runtime_error("fstat(" + n + ") failed: " + std::strerror(err));
     }
-    return ShmRegion(name, fd, static_cast<size_t>(st.st_size), /*owner=*/false);
+    return ShmRegion(n, fd, static_cast<size_t>(st.st_size), /*owner=*/false);
   }
 
   ShmRegion(ShmRegion&& o) noexcept { *this = std::move(o); }
   ShmRegion& operator=(ShmRegion&& o) noexcept {
     if (this != &o) {
-      release();
+      unlink();
+      unmap();
       name_ = std::move(o.name_);
       data_ = o.data_;
       size_ = o.size_;
       owner_ = o.owner_;
       o.data_ = nullptr;
+      o.size_ = 0;
       o.owner_ = false;
     }
     return *this;
   }
   ShmRegion(const ShmRegion&) = delete;
   ShmRegion& operator=(const ShmRegion&) = delete;
-  ~ShmRegion() { release(); }
+  ~ShmRegion() {
+    unlink();
+    unmap();
+  }
 
   void* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& name() const { return name_; }
   bool owner() const { return owner_; }
 
-  void release() {
-    if (data_ != nullptr) munmap(data_, size_);
+  // Removes the name (owner only; idempotent). Processes already attached keep their mapping.
+  void unlink() {
     if (owner_) shm_unlink(name_.c_str());
-    data_ = nullptr;
     owner_ = false;
+  }
+
+  // Unmaps the memory: only when nothing can still point into it.
+  void unmap() {
+    if (data_ != nullptr) munmap(data_, size_);
+    data_ = nullptr;
   }
 
  private:
   ShmRegion(std::string name, int fd, size_t size, bool owner) : name_(std::move(name)), size_(size), owner_(owner) {
-    data_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int err = errno;
-    close(fd);
-    if (data_ == MAP_FAILED) {
-      data_ = nullptr;
-      if (owner) shm_unlink(name_.c_str());
+    void* p = size > 0 ? mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+    int err = size > 0 ? errno : EINVAL;
+    ::close(fd);
+    if (p == MAP_FAILED) {
+      if (owner_) shm_unlink(name_.c_str());
+      owner_ = false;
       throw std::runtime_error("mmap(" + name_ + ") failed: " + std::strerror(err));
     }
+    data_ = p;
   }
 
   std::string name_;

@@ -1,11 +1,15 @@
-// Per-slot state words shared between processes: a worker publishes "my slot is written" by
-// storing a new value and waking waiters; the manager sleeps in the kernel (futex) until the
-// value changes or a timeout passes. No busy waiting, no lock: each slot has one writer.
+// Per-slot state words shared between processes. A worker publishes "my slot is written" by
+// storing a new value (release) and waking waiters; the manager sleeps in the kernel (futex on
+// Linux) until the value it wants appears or a timeout passes. No lock, no busy waiting: each
+// slot has one writer at a time, and the value says whose turn it is (e.g. 0 free, 1 ready,
+// 2 consumed: the meaning belongs to the caller).
+//
+// Waiting for "any k of N slots" uses one extra word, the epoch, bumped after every state
+// change: a waiter reads the epoch, scans the slots, and sleeps only while the epoch still holds
+// the value it read, so a change between the scan and the sleep is never lost.
+//
+// Off Linux there is no process-shared futex in libc; the fallback polls with a growing sleep.
 #pragma once
-
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -13,47 +17,118 @@
 #include <climits>
 #include <cstdint>
 #include <ctime>
+#include <thread>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define VLARL_HAVE_FUTEX 1
+#else
+#define VLARL_HAVE_FUTEX 0
+#endif
 
 namespace vlarl {
 
-static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word must be 32 bits");
-static_assert(std::atomic<uint32_t>::is_always_lock_free, "futex word must be lock free");
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "state words must be 32 bits");
+static_assert(std::atomic<uint32_t>::is_always_lock_free, "state words must be lock free across processes");
 
-inline long futex(uint32_t* addr, int op, uint32_t val, const struct timespec* timeout) {
+inline const char* wait_mechanism() { return VLARL_HAVE_FUTEX ? "futex" : "polling"; }
+
+inline std::atomic<uint32_t>* as_atomic(uint32_t* word) { return reinterpret_cast<std::atomic<uint32_t>*>(word); }
+
+// Sleeps while *word == expected, at most timeout_s (< 0: no limit). Spurious returns are fine:
+// every caller re-checks its condition.
+inline void futex_wait(uint32_t* word, uint32_t expected, double timeout_s) {
+#if VLARL_HAVE_FUTEX
+  struct timespec ts {};
+  struct timespec* tsp = nullptr;
+  if (timeout_s >= 0) {
+    auto ns = static_cast<long long>(timeout_s * 1e9);
+    ts.tv_sec = static_cast<time_t>(ns / 1000000000LL);
+    ts.tv_nsec = static_cast<long>(ns % 1000000000LL);
+    tsp = &ts;
+  }
   // no FUTEX_PRIVATE_FLAG: the word lives in memory shared between processes
-  return syscall(SYS_futex, addr, op, val, timeout, nullptr, 0);
+  syscall(SYS_futex, word, FUTEX_WAIT, expected, tsp, nullptr, 0);
+#else
+  (void)expected;
+  double s = timeout_s < 0 ? 1e-3 : (timeout_s < 1e-3 ? timeout_s : 1e-3);
+  std::this_thread::sleep_for(std::chrono::duration<double>(s));
+#endif
 }
 
-inline uint32_t load_state(uint32_t* word) {
-  return reinterpret_cast<std::atomic<uint32_t>*>(word)->load(std::memory_order_acquire);
+inline void futex_wake_all(uint32_t* word) {
+#if VLARL_HAVE_FUTEX
+  syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+#else
+  (void)word;
+#endif
 }
 
-inline void store_state(uint32_t* word, uint32_t value) {
-  reinterpret_cast<std::atomic<uint32_t>*>(word)->store(value, std::memory_order_release);
-  futex(word, FUTEX_WAKE, INT_MAX, nullptr);
+inline uint32_t load_state(uint32_t* word) { return as_atomic(word)->load(std::memory_order_acquire); }
+
+// Publishes `value` (everything written before is visible to a reader that sees it), bumps the
+// epoch and wakes every waiter of either word.
+inline void store_state(uint32_t* word, uint32_t value, uint32_t* epoch) {
+  as_atomic(word)->store(value, std::memory_order_release);
+  as_atomic(epoch)->fetch_add(1, std::memory_order_acq_rel);
+  futex_wake_all(word);
+  futex_wake_all(epoch);
 }
+
+// Atomically replaces `expected` by `desired`; false (and nothing changes) if the word held
+// something else. Lets several consumers claim a ready slot without a lock.
+inline bool cas_state(uint32_t* word, uint32_t expected, uint32_t desired, uint32_t* epoch) {
+  if (!as_atomic(word)->compare_exchange_strong(expected, desired, std::memory_order_acq_rel)) return false;
+  as_atomic(epoch)->fetch_add(1, std::memory_order_acq_rel);
+  futex_wake_all(word);
+  futex_wake_all(epoch);
+  return true;
+}
+
+class Deadline {
+ public:
+  explicit Deadline(double timeout_s) : forever_(timeout_s < 0) {
+    if (!forever_)
+      end_ = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_s));
+  }
+  bool forever() const { return forever_; }
+  // seconds left (>= 0), or -1 for no limit
+  double left() const {
+    if (forever_) return -1.0;
+    double s = std::chrono::duration<double>(end_ - clock::now()).count();
+    return s > 0 ? s : 0.0;
+  }
+  bool passed() const { return !forever_ && clock::now() >= end_; }
+
+ private:
+  using clock = std::chrono::steady_clock;
+  bool forever_;
+  clock::time_point end_{};
+};
 
 // Waits until *word == want. Returns false on timeout (timeout_s < 0: wait forever).
 inline bool wait_state(uint32_t* word, uint32_t want, double timeout_s) {
-  using clock = std::chrono::steady_clock;
-  const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(
-                                           std::chrono::duration<double>(timeout_s < 0 ? 0.0 : timeout_s));
+  Deadline dl(timeout_s);
   for (;;) {
     uint32_t cur = load_state(word);
     if (cur == want) return true;
-    struct timespec ts {};
-    struct timespec* tsp = nullptr;
-    if (timeout_s >= 0) {
-      auto left = deadline - clock::now();
-      if (left <= clock::duration::zero()) return false;
-      auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-      ts.tv_sec = static_cast<time_t>(ns / 1000000000LL);
-      ts.tv_nsec = static_cast<long>(ns % 1000000000LL);
-      tsp = &ts;
-    }
+    if (dl.passed()) return false;
     // sleeps only while the word still holds `cur`, so a store between the load and here is not lost
-    long rc = futex(word, FUTEX_WAIT, cur, tsp);
-    if (rc != 0 && errno != EAGAIN && errno != EINTR && errno != ETIMEDOUT) return load_state(word) == want;
+    futex_wait(word, cur, dl.left());
+  }
+}
+
+// Waits until pred() holds, sleeping on the epoch word between checks. pred reads slot states.
+template <class Pred>
+inline bool wait_epoch(uint32_t* epoch, Pred&& pred, double timeout_s) {
+  Deadline dl(timeout_s);
+  for (;;) {
+    uint32_t seen = load_state(epoch);
+    if (pred()) return true;
+    if (dl.passed()) return false;
+    futex_wait(epoch, seen, dl.left());
   }
 }
 

@@ -1,25 +1,43 @@
-// Build facts reported by `vlarl-fast info`.
+// Build facts reported by `vlarl-fast info`: compiler, C++ standard, build type, wait mechanism.
 #pragma once
 
+#include <map>
 #include <string>
+
+#include "batch_layout.h"
+#include "slot_state.h"
+
+#ifndef VLARL_BUILD_TYPE
+#define VLARL_BUILD_TYPE "unknown"
+#endif
 
 namespace vlarl {
 
-inline std::string build_info() {
-  std::string compiler =
+inline std::string compiler_id() {
 #if defined(__clang__)
-      "clang " __clang_version__;
+  return "clang " __clang_version__;
 #elif defined(__GNUC__)
-      "gcc " __VERSION__;
+  return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+  return "msvc " + std::to_string(_MSC_VER);
 #else
-      "unknown compiler";
+  return "unknown compiler";
 #endif
+}
+
+inline std::map<std::string, std::string> build_info() {
+  return {
+      {"compiler", compiler_id()},
+      {"cxx_standard", "C++" + std::to_string(__cplusplus / 100 % 100)},
+      {"build_type", VLARL_BUILD_TYPE},
 #ifdef NDEBUG
-  const char* type = "release";
+      {"asserts", "off"},
 #else
-  const char* type = "debug";
+      {"asserts", "on"},
 #endif
-  return compiler + ", C++" + std::to_string(__cplusplus / 100 % 100) + ", " + type;
+      {"wait", wait_mechanism()},
+      {"layout_version", std::to_string(kLayoutVersion)},
+  };
 }
 
 }  // namespace vlarl

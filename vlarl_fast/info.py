@@ -1,111 +1,221 @@
-"""`vlarl-fast info`: what this installation can do, and the fix for what it cannot."""
+"""`vlarl-fast info`: what this installation can do, and the fix for what it cannot.
+
+``collect_info()`` returns a plain dict (JSON-serialisable); ``format_info(info)`` renders it as
+text; ``main()`` prints it. Every probe is wrapped: a broken component is reported, never raised.
+"""
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
+import json
+import os
 import platform
-import subprocess
+import re
 import sys
 
-PACKAGES = ["torch", "transformers", "mujoco", "gymnasium", "numpy", "triton", "tyro", "pybind11", "flash-attn",
-            "ray", "libero", "hf-libero"]
+PACKAGES = ["torch", "transformers", "mujoco", "gymnasium", "numpy", "triton", "tyro", "pybind11", "torchvision",
+            "flash-attn", "ray", "hf-libero", "libero"]
+ALWAYS_SHOWN = ("torch", "transformers", "mujoco", "gymnasium", "numpy", "triton")
+ENV_VARS = ["MUJOCO_GL", "PYOPENGL_PLATFORM", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "LP_NUM_THREADS",
+            "VLARL_LIBERO_ASSETS", "VLARL_DISABLE_EXT"]
 
 
 def _version(dist: str) -> str | None:
     try:
         return md.version(dist)
-    except md.PackageNotFoundError:
+    except Exception:
         return None
 
 
+def _install() -> dict:
+    """Where the package lives and whether it is an editable (developer) install."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    editable = None
+    try:
+        raw = md.distribution("vlarl-fast").read_text("direct_url.json")
+        if raw:
+            editable = bool(json.loads(raw).get("dir_info", {}).get("editable", False))
+    except Exception:
+        pass
+    return {"location": here, "editable": editable}
+
+
 def _accelerators() -> dict:
-    out: dict = {"cuda": False, "devices": [], "nvml": None}
+    out: dict = {"cuda": False, "devices": [], "nvml": None, "torch_cuda": None}
     try:
         import torch
-        out["cuda"] = torch.cuda.is_available()
+        out["torch_cuda"] = torch.version.cuda  # None for a CPU build
+        out["cuda"] = bool(torch.cuda.is_available())
         if out["cuda"]:
             out["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception as e:  # torch missing or broken
-        out["torch_error"] = str(e)
+        out["torch_error"] = f"{type(e).__name__}: {e}"
     try:
         import pynvml
         pynvml.nvmlInit()
         try:
-            out["nvml"] = f"driver {pynvml.nvmlSystemGetDriverVersion()}, {pynvml.nvmlDeviceGetCount()} GPU(s)"
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else driver
+            names = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                n = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                names.append(n.decode() if isinstance(n, bytes) else n)
+            out["nvml"] = f"driver {driver}, {len(names)} GPU(s)" + (f": {', '.join(names)}" if names else "")
         finally:
             pynvml.nvmlShutdown()
-    except Exception as e:  # NVMLError_LibraryNotFound on machines without a driver
+    except ImportError:
+        out["nvml"] = "pynvml not installed (pip install nvidia-ml-py)"
+    except Exception as e:  # NVMLError_LibraryNotFound on a machine without the NVIDIA driver
         out["nvml"] = f"no NVIDIA driver ({type(e).__name__})"
     return out
 
 
+def _extension() -> dict:
+    try:
+        from ._ext import EXT_AVAILABLE, EXT_ERROR, build_info
+        if EXT_AVAILABLE:
+            return {"usable": True, "build": build_info(), "error": None}
+        return {"usable": False, "build": None, "error": EXT_ERROR}
+    except Exception as e:
+        return {"usable": False, "build": None, "error": f"{type(e).__name__}: {e}"}
+
+
 def _triton(cuda: bool) -> str:
     if _version("triton") is None:
-        return "not installed (kernels use their torch paths)"
+        return "not installed (the kernels use their torch paths)"
     try:
-        importlib.import_module("triton")
+        import triton  # noqa: F401
     except Exception as e:
-        return f"installed but fails to import: {e}"
-    return "compiled (CUDA)" if cuda else "interpreter only (TRITON_INTERPRET=1); CPU tensors use the torch paths"
+        return f"installed but fails to import ({type(e).__name__}: {e}); the kernels use their torch paths"
+    if cuda:
+        return "compiled (CUDA)"
+    return "interpreter only (TRITON_INTERPRET=1); CPU tensors use the torch paths"
 
 
-def _torchvision() -> str | None:
-    """A PyPI torchvision built for CUDA beside a CPU torch breaks every transformers model import."""
-    if _version("torchvision") is None:
+def _minor(version: str | None) -> int | None:
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return int(m.group(2)) if m else None
+
+
+def _torchvision(torch_version: str | None) -> str | None:
+    """The known breakage: a PyPI torchvision (a CUDA build) beside a CPU torch fails at import with
+    `operator torchvision::nms does not exist`, and then every transformers model class fails to import."""
+    tv = _version("torchvision")
+    if tv is None or torch_version is None:
         return None
-    r = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True, timeout=60)
-    if r.returncode == 0:
-        return None
-    if "torchvision::nms" in r.stderr:
-        return ("torchvision does not match torch (operator torchvision::nms does not exist): transformers models "
-                "will fail to import. Fix: `pip uninstall -y torchvision` (LIBERO does not need it) or install a "
-                "matching torch/torchvision pair.")
-    return "torchvision fails to import: " + r.stderr.strip().splitlines()[-1][:200]
+    fix = ("Fix: `pip uninstall -y torchvision` (vlarl-fast and LIBERO's environments do not need it), or install "
+           "a matching pair from one index (torchvision 0.N+15 goes with torch 2.N, both CPU or both CUDA).")
+    t_minor, tv_minor = _minor(torch_version), _minor(tv)
+    if t_minor is not None and tv_minor is not None and tv_minor != t_minor + 15:
+        return f"torchvision {tv} does not match torch {torch_version}: transformers models may fail to import. {fix}"
+    try:
+        import torchvision  # noqa: F401  (torch is already imported: this costs little)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        what = ("operator torchvision::nms does not exist" if "torchvision::nms" in str(e)
+                else f"{type(e).__name__}: {msg}")
+        cpu_mismatch = "+cpu" in torch_version and "+cpu" not in tv
+        return (f"torchvision {tv} fails to import next to torch {torch_version} ({what})"
+                + (" — a CUDA torchvision beside a CPU torch" if cpu_mismatch else "")
+                + f": every transformers model class will fail to import. {fix}")
+    return None
+
+
+def _render() -> dict:
+    try:
+        from .envs.render import backend_report
+        rep = dict(backend_report())
+        rep.setdefault("works", bool(rep.get("backend")))
+        rep.setdefault("error", None)
+        return rep
+    except Exception as e:
+        return {"backend": None, "works": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def _suites() -> dict:
+    try:
+        from .envs import list_tasks
+        return {"tabletop": len(list_tasks("tabletop"))}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def collect_info() -> dict:
-    from . import __version__
-    from ._ext import EXT_AVAILABLE, EXT_ERROR
-    info: dict = {"vlarl_fast": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-                  "packages": {p: _version(p) for p in PACKAGES}}
+    """Everything `vlarl-fast info` reports, as a JSON-serialisable dict. Never raises."""
+    try:
+        from . import __version__
+    except Exception:
+        __version__ = _version("vlarl-fast") or "unknown"
+    env = {k: os.environ[k] for k in ENV_VARS if k in os.environ}  # before the render probe sets MUJOCO_GL
+    packages = {p: _version(p) for p in PACKAGES}
     acc = _accelerators()
-    info["accelerators"] = acc
-    if EXT_AVAILABLE:
-        from ._ext import _C
-        info["extension"] = {"usable": True, "build": _C.build_info()}
-    else:
-        info["extension"] = {"usable": False, "error": EXT_ERROR}
-    info["triton"] = _triton(acc["cuda"])
-    try:
-        from .envs.render import backend_report
-        info["render"] = backend_report()
-    except Exception as e:
-        info["render"] = {"backend": None, "works": False, "error": f"{type(e).__name__}: {e}"}
-    try:
-        from .envs import list_tasks
-        info["suites"] = {"tabletop": len(list_tasks("tabletop"))}
-    except Exception as e:
-        info["suites"] = {"error": str(e)}
-    info["problems"] = [p for p in [_torchvision()] if p]
+    info: dict = {
+        "vlarl_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "install": _install(),
+        "packages": packages,
+        "accelerators": acc,
+        "extension": _extension(),
+        "triton": _triton(acc["cuda"]),
+        "render": _render(),
+        "suites": _suites(),
+        "env": env,
+    }
+    problems = []
+    tv = _torchvision(packages["torch"])
+    if tv:
+        problems.append(tv)
+    if "torch_error" in acc:
+        problems.append(f"torch fails to import: {acc['torch_error']}")
+    if not info["extension"]["usable"]:
+        problems.append("the compiled extension is missing: the vectorised env manager falls back to pure Python")
+    if not info["render"]["works"]:
+        problems.append("no headless render backend: environments cannot render observations")
+    info["problems"] = problems
     return info
 
 
+def _fmt_build(build: dict | None) -> str:
+    if not build:
+        return ""
+    return ", ".join(str(build[k]) for k in ("compiler", "cxx_standard", "build_type") if k in build) + (
+        f", waits: {build['wait']}" if "wait" in build else "")
+
+
 def format_info(info: dict) -> str:
+    """Plain-text report of `collect_info()`."""
     acc = info["accelerators"]
-    lines = [f"vlarl-fast {info['vlarl_fast']}  (Python {info['python']}, {info['platform']})", "", "packages:"]
+    inst = info.get("install", {})
+    mode = {True: "editable install", False: "installed", None: "source tree / unknown install"}[inst.get("editable")]
+    lines = [f"vlarl-fast {info['vlarl_fast']}  (Python {info['python']}, {info['platform']})",
+             f"  {mode}: {inst.get('location', '?')}", "", "packages:"]
     for name, v in info["packages"].items():
-        if v is not None or name in ("torch", "transformers", "mujoco", "gymnasium", "triton"):
+        if v is not None or name in ALWAYS_SHOWN:
             lines.append(f"  {name:13s} {v or 'not installed'}")
-    lines += ["", "accelerators:",
-              f"  CUDA          {'yes: ' + ', '.join(acc['devices']) if acc['cuda'] else 'no (CPU only)'}",
-              f"  NVML          {acc['nvml']}"]
+    cuda = ("yes: " + ", ".join(acc["devices"])) if acc["cuda"] else (
+        "no (CPU only" + (f"; torch built for CUDA {acc['torch_cuda']}" if acc.get("torch_cuda") else ", CPU build of torch")
+        + ")")
+    lines += ["", "accelerators:", f"  CUDA          {cuda}", f"  NVML          {acc['nvml']}"]
     ext = info["extension"]
     render = info["render"]
+    suites = info["suites"]
     lines += ["", "components:",
-              f"  C++ extension {'usable (' + ext['build'] + ')' if ext['usable'] else 'NOT usable: ' + ext['error']}",
+              f"  C++ extension {'usable (' + _fmt_build(ext['build']) + ')' if ext['usable'] else 'NOT usable: ' + str(ext['error'])}",
               f"  Triton        {info['triton']}",
-              f"  rendering     {render['backend'] + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
-              f"  task suites   {', '.join(f'{k} ({v} tasks)' for k, v in info['suites'].items())}"]
+              f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
+              "  task suites   " + ("error: " + suites["error"] if "error" in suites
+                                    else ", ".join(f"{k} ({v} tasks)" for k, v in suites.items()))]
+    if info.get("env"):
+        lines += ["", "environment:"] + [f"  {k}={v}" for k, v in info["env"].items()]
     if info["problems"]:
         lines += ["", "problems:"] + [f"  - {p}" for p in info["problems"]]
     return "\n".join(lines)
+
+
+def main() -> int:
+    print(format_info(collect_info()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
