@@ -29,7 +29,11 @@ Memory arithmetic behind the torch path's chunk size (fp32 logits, 4 bytes):
   about three alive (logits, exp, gradient); ``_CHUNK_BYTES = 16 MiB`` per temporary gives
   C = 16 MiB / (4096 x 4 B) = 1024 columns at N = 4096 (~50 MB of temporaries in all, ~3% of
   the naive peak), and is large enough that each chunk's matmul ([N, H] x [H, C]) still runs
-  at full BLAS speed. Small N gets proportionally wider chunks (capped at the slice width).
+  at full BLAS speed. Small N gets wider chunks, but never more than 1/8 of the slice
+  (``_MIN_CHUNKS``): at N = 512 a 16 MiB chunk would be 8192 columns, a quarter of the naive
+  logits, so it is cut to 32064 / 8 = 4008 columns (8 MB per temporary). Chunks never drop below
+  128 columns (``_MIN_CHUNK``), where per-chunk overhead would dominate; the 256 action bins are
+  two chunks of 128 (N x 128 x 4 B: 4 MiB at N = 8192).
 
 Numerics: every path accumulates in fp32 whatever the input dtype (bf16/fp16 inputs are upcast
 per chunk on the torch path; ``tl.dot`` accumulates in fp32 on the Triton path), so results can
@@ -51,6 +55,7 @@ __all__ = ["action_logprobs", "action_logprobs_reference", "action_logprobs_naiv
 
 # 16 MiB per fp32 temporary of a chunk body; see the module docstring for the arithmetic.
 _CHUNK_BYTES = 16 * 2**20
+_MIN_CHUNKS = 8     # and at most 1/8 of the slice per chunk, so small N is chunked too
 _MIN_CHUNK = 128
 
 
@@ -110,8 +115,8 @@ def _validate(hidden, weight, targets, temperature, vocab_start, vocab_end, back
     if targets.numel():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < vocab_start or hi >= vocab_end:
-            raise ValueError(f"action_logprobs: targets span [{lo}, {hi}] but the vocab slice is "
-                             f"[{vocab_start}, {vocab_end}); pass vocabulary ids (not bin indices) that lie in "
+            raise ValueError(f"action_logprobs: targets outside the vocab slice [{vocab_start}, {vocab_end}) "
+                             f"(they span [{lo}, {hi}]); pass vocabulary ids (not bin indices) that lie in "
                              "the slice, or widen vocab_start/vocab_end")
     return vocab_start, vocab_end
 
@@ -139,7 +144,7 @@ def _check_finite(logp, entropy, hidden, weight, vocab_start, vocab_end):
 # torch chunked path
 # ---------------------------------------------------------------------------------------------
 def _chunk_cols(n_rows: int, width: int) -> int:
-    cols = _CHUNK_BYTES // (4 * max(n_rows, 1))
+    cols = min(_CHUNK_BYTES // (4 * max(n_rows, 1)), -(-width // _MIN_CHUNKS))
     return int(min(width, max(_MIN_CHUNK, cols)))
 
 
