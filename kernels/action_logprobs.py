@@ -214,7 +214,7 @@ def _torch_backward(hidden, weight, targets, inv_temp, vs, ve, lse, entropy, g_l
 class _ActionLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temp, vs, ve, want_entropy, backend):
-        targets = targets.long()
+        targets = targets.long().contiguous()  # the Triton kernels index it as a flat [N] array
         if backend == "triton":
             from . import _triton_logprobs as tk
             logp, entropy, lse = tk.forward(hidden, weight, targets, inv_temp, vs, ve, want_entropy)

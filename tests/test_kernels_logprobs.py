@@ -245,6 +245,16 @@ def test_triton_path_logp_only_and_many_backward_chunks(triton_device, monkeypat
                              device=triton_device)
 
 
+def test_triton_path_strided_targets(triton_device):
+    # a column of a [N, 7] token array, as the policy passes them: not contiguous
+    hidden, weight, _, _, _ = _case(5, 16, 20, torch.float32, seed=6, device=triton_device)
+    tokens = torch.randint(0, 20, (5, 7), generator=torch.Generator().manual_seed(6)).to(triton_device)
+    targets = tokens[:, 3]
+    assert not targets.is_contiguous()
+    torch.testing.assert_close(action_logprobs(hidden, weight, targets, backend="triton"),
+                               reference(hidden, weight, targets)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_triton_path_reports_non_finite(triton_device):
     hidden, weight, targets, _, _ = _case(4, 16, 20, torch.float32, seed=4, device=triton_device)
     hidden[1, 3] = float("nan")
