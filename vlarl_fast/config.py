@@ -92,6 +92,10 @@ class PPOConfig:
     """Normalise advantages per minibatch."""
     freeze_vision: bool = True
     """Keep the vision tower frozen during RL (its features are cached from the rollout)."""
+    curriculum: bool = True
+    """Draw each episode's initial state by VLA-RL's curriculum (favour pairs solved about half the time)."""
+    curriculum_temperature: float = 0.1
+    """Sharpness of the curriculum: weight exp((0.5 - |success - 0.5|) / temperature)."""
 
 
 @dataclass

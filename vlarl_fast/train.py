@@ -82,6 +82,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from .envs.tabletop.expert import collect_demos
     from .rl.sft import demos_to_arrays, sft_train
+    from .rl.curriculum import Curriculum
     from .rl.trainer import PPOTrainer
 
     console = Console()
@@ -130,13 +131,18 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.ppo.iterations > 0:
         # ---- 2. PPO -----------------------------------------------------------------------------
         t0 = time.perf_counter()
-        n_tasks = len(tasks)
-        fns = [(lambda t=tasks[i % n_tasks], i=i: make_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                                             seed=cfg.seed * 1000 + i))
-               for i in range(cfg.env.num_envs)]
-        envs = VectorEnv(fns)
+        slot_task = [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
+        fns = [(lambda t=t, i=i: make_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
+                                          seed=cfg.seed * 1000 + i))
+               for i, t in enumerate(slot_task)]
+        curriculum = None
+        if cfg.ppo.curriculum:
+            curriculum = Curriculum({t: get_task(t).num_init_states for t in tasks},
+                                    temperature=cfg.ppo.curriculum_temperature, seed=cfg.seed)
+        envs = VectorEnv(fns, reset_options=None if curriculum is None else
+                         (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
         try:
-            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed)
+            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum)
             with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar:
                 for _ in range(cfg.ppo.iterations):
                     st = trainer.train_iteration()

@@ -25,6 +25,7 @@ from ..envs import VectorEnv
 from ..kernels import gae
 from ..policy import VLAPolicy
 from .buffer import RolloutBuffer
+from .curriculum import Curriculum
 from .ppo import explained_variance, normalize_advantages, ppo_losses
 
 
@@ -47,8 +48,10 @@ class IterationStats:
 
 
 class PPOTrainer:
-    def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0):
+    def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
+                 curriculum: Curriculum | None = None):
         self.policy, self.envs, self.cfg = policy, envs, cfg
+        self.curriculum = curriculum
         model = policy.model
         if cfg.freeze_vision:
             for p in model.vision.parameters():
@@ -95,6 +98,9 @@ class PPOTrainer:
                                                           [instructions[i] for i in trunc_ids]).cpu()
             for j in np.flatnonzero(info["done"]):
                 successes.append(bool(info["success"][j]))
+                if self.curriculum is not None:
+                    self.curriculum.update(info["final_task_id"][j], int(info["final_init_state"][j]),
+                                           bool(info["success"][j]))
                 returns.append(float(info["episode_return"][j]))
             self.obs = next_obs
             self.global_step += self.envs.num_envs
