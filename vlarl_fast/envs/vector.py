@@ -2,7 +2,8 @@
 ``send``/``recv``.
 
 This is the in-process implementation: every env steps in the calling process, one after
-another. The C++ worker-process manager plugs in behind the same interface.
+another. ``VectorEnv(env_fns, backend="process", ...)`` gives the worker-process manager
+(process_vector.ProcessVectorEnv) behind the same interface instead.
 
 Auto-reset: when an env's episode ends inside ``step``, it is reset at once; the returned
 observation is the new episode's first, and ``info["final_obs"]`` holds the last observation
@@ -20,8 +21,16 @@ def _stack(obs_list: list[dict]) -> dict:
 
 
 class VectorEnv:
+    def __new__(cls, env_fns=(), *, backend: str = "inprocess", **kwargs):
+        if backend == "process":
+            from .process_vector import ProcessVectorEnv
+            return ProcessVectorEnv(env_fns, **kwargs)  # not a VectorEnv: __init__ is not run again
+        if backend != "inprocess":
+            raise ValueError(f"unknown VectorEnv backend {backend!r}; use 'inprocess' or 'process'")
+        return super().__new__(cls)
+
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
-                 autoreset: bool = True):
+                 autoreset: bool = True, backend: str = "inprocess"):
         if not env_fns:
             raise ValueError("VectorEnv needs at least one env factory")
         self.envs = [fn() for fn in env_fns]

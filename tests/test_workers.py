@@ -1,0 +1,301 @@
+"""The worker-process VectorEnv (backend="process"): alignment with the in-process VectorEnv step by
+step (same seeds, same observations, rewards, flags and info, through auto-resets and with
+reset_options), determinism, async send/recv, bad input, crash recovery, no leftover processes."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from vlarl_fast._ext import EXT_AVAILABLE, EXT_ERROR
+from vlarl_fast.envs import VectorEnv, list_tasks, make_env
+
+pytestmark = pytest.mark.skipif(not EXT_AVAILABLE, reason=f"extension not built: {EXT_ERROR}")
+TASKS = list_tasks("tabletop")
+
+
+def _fns(n, size=32, **kw):
+    return [(lambda t=TASKS[i % len(TASKS)], i=i: make_env(t, image_size=size, seed=100 + i, **kw)) for i in range(n)]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is gone for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _same(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k}]")
+    else:
+        assert np.array_equal(np.asarray(a), np.asarray(b)), where
+
+
+def _compare(pv, iv, steps, seed):
+    o1, i1 = pv.reset(seed=seed)
+    o2, i2 = iv.reset(seed=seed)
+    _same(o1, o2, "reset obs")
+    _same(i1, i2, "reset info")
+    rng = np.random.default_rng(seed)
+    dones = 0
+    for s in range(steps):
+        a = rng.uniform(-1, 1, (pv.num_envs, 7)).astype(np.float32)
+        r1, r2 = pv.step(a), iv.step(a)
+        for x, y, name in zip(r1[:4], r2[:4], ("obs", "reward", "terminated", "truncated")):
+            _same(x, y, f"step {s} {name}")
+        info1 = dict(r1[4])
+        assert not info1.pop("worker_restarted").any()
+        _same(info1, r2[4], f"step {s} info")
+        dones += int(r2[4]["done"].sum())
+    return dones
+
+
+# --- alignment and determinism ----------------------------------------------------------------
+
+def test_alignment_with_inprocess_through_autoresets():
+    fns = _fns(3, max_episode_steps=12)
+    with VectorEnv(fns, backend="process") as pv, VectorEnv(fns) as iv:
+        assert pv.single_action_space == iv.single_action_space
+        assert pv.single_observation_space == iv.single_observation_space
+        assert _compare(pv, iv, 40, seed=5) >= 6  # several auto-resets happened
+        _same(pv.observations([2, 0]), iv.observations([2, 0]), "observations()")
+        assert pv.instructions == iv.instructions and pv.task_ids == iv.task_ids
+        _same(pv.init_states, iv.init_states, "init_states")
+
+
+def test_alignment_with_reset_options_and_manual_resets():
+    # reset_options is called in the manager at each episode end, as in-process (curriculum's path)
+    def opts(rng_holder):
+        return lambda i: {"init_state": int(rng_holder.integers(3))}
+    fns = _fns(2, max_episode_steps=7)
+    with VectorEnv(fns, backend="process", reset_options=opts(np.random.default_rng(1))) as pv, \
+            VectorEnv(fns, reset_options=opts(np.random.default_rng(1))) as iv:
+        assert _compare(pv, iv, 20, seed=9) >= 4
+        _same(pv.reset_env(1, seed=3, options={"init_state": 2}), iv.reset_env(1, seed=3, options={"init_state": 2}),
+              "reset_env")
+        assert pv.init_states[1] == 2
+    # no auto-reset: the episode's last observation stays (evaluate.py's use)
+    with VectorEnv(fns, backend="process", autoreset=False) as pv, VectorEnv(fns, autoreset=False) as iv:
+        for v in (pv, iv):
+            v.reset(seed=0)
+        a = np.zeros((2, 7), np.float32)
+        for s in range(8):
+            r1, r2 = pv._step_ids(a[:1], np.array([1])), iv._step_ids(a[:1], np.array([1]))
+            _same(r1[0], r2[0], f"no-autoreset step {s}")
+            _same(r1[3], r2[3], f"no-autoreset truncated {s}")
+
+
+def test_determinism_same_seed_same_trajectory_different_seed_different():
+    fns = _fns(2)
+    a = np.random.default_rng(0).uniform(-1, 1, (5, 2, 7)).astype(np.float32)
+
+    def run(seed):
+        with VectorEnv(fns, backend="process") as v:
+            out = [v.reset(seed=seed)[0]["image"]]
+            out += [v.step(x)[0]["image"] for x in a]
+        return np.stack(out)
+
+    first = run(1)
+    assert np.array_equal(first, run(1))
+    assert not np.array_equal(first, run(2))
+
+
+# --- async ------------------------------------------------------------------------------------
+
+class SlowEnv(gym.Wrapper):
+    """Steps take `delay` seconds: lets a test decide which env finishes first."""
+
+    def __init__(self, env, delay):
+        super().__init__(env)
+        self.delay = delay
+
+    def step(self, action):
+        time.sleep(self.delay)
+        return self.env.step(action)
+
+
+def test_send_recv_returns_first_finished_and_keeps_the_rest():
+    delays = [0.6, 0.0, 0.6, 0.0]
+    fns = [(lambda i=i: SlowEnv(make_env(TASKS[0], image_size=16, seed=i), delays[i])) for i in range(4)]
+    with VectorEnv(fns, backend="process", batch_size=2) as v:
+        v.reset(seed=0)
+        v.send(np.zeros((4, 7), np.float32), [0, 1, 2, 3])
+        with pytest.raises(RuntimeError, match="still stepping"):
+            v.send(np.zeros((1, 7), np.float32), [1])
+        obs, rew, term, trunc, info = v.recv()
+        assert list(info["env_id"]) == [1, 3] and obs["image"].shape == (2, 16, 16, 3)
+        # the fast ones can go again while the slow ones still step
+        v.send(np.zeros((2, 7), np.float32), [1, 3])
+        got = []
+        while len(got) < 4:
+            got += list(v.recv(batch_size=1)[4]["env_id"])
+        assert sorted(got) == [0, 1, 2, 3]
+        with pytest.raises(RuntimeError, match="no batch in flight"):
+            v.recv()
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def _broken_factory():
+    raise RuntimeError("no such robot")
+
+
+class WrongShapeEnv(gym.Wrapper):
+    def reset(self, **kw):
+        obs, info = self.env.reset(**kw)
+        return {**obs, "image": np.zeros((40, 40, 3), np.uint8)}, info
+
+
+def test_bad_input_has_clear_errors():
+    from vlarl_fast.envs.process_vector import WorkerError
+    with pytest.raises(WorkerError, match="failed to build the env(.|\n)*no such robot"):
+        VectorEnv([_fns(1)[0], _broken_factory], backend="process")
+    with VectorEnv(_fns(2, size=16), backend="process") as v:
+        v.reset(seed=0)
+        with pytest.raises(ValueError, match=r"actions must have shape \(2, 7\)"):
+            v.step(np.zeros((2, 6), np.float32))
+        with pytest.raises(TypeError, match="castable to float32"):
+            v.step(np.zeros((2, 7), dtype=np.complex64))
+        with pytest.raises(ValueError, match="distinct ids"):
+            v.send(np.zeros((2, 7), np.float32), [0, 0])
+        v.step(np.zeros((2, 7)))  # float64 actions are cast
+    with pytest.warns(RuntimeWarning, match="restarted"):
+        with pytest.raises(WorkerError, match=r"observation 'image' has shape \(40, 40, 3\)(.|\n)*\(16, 16, 3\)"):
+            with VectorEnv([lambda: WrongShapeEnv(make_env(TASKS[0], image_size=16))], backend="process") as v:
+                v.reset(seed=0)
+    with pytest.raises(ValueError, match="unknown VectorEnv backend"):
+        VectorEnv(_fns(1), backend="threads")
+
+
+# --- crash recovery ---------------------------------------------------------------------------
+
+class RaiseOnStep(gym.Wrapper):
+    """Raises on its k-th step after each reset, only in its first process (a marker file says so)."""
+
+    def __init__(self, env, k, marker):
+        super().__init__(env)
+        self.k, self.marker, self.n = k, marker, 0
+
+    def reset(self, **kw):
+        self.n = 0
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        self.n += 1
+        if self.n == self.k and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise FloatingPointError("simulated physics blow-up")
+        return self.env.step(action)
+
+
+def test_worker_killed_or_raising_is_restarted_others_unaffected(tmp_path):
+    marker = str(tmp_path / "raised")
+    fns = _fns(3)
+    faulty = fns[:2] + [lambda: RaiseOnStep(make_env(TASKS[2 % len(TASKS)], image_size=32, seed=102), 3, marker)]
+    a = np.random.default_rng(0).uniform(-1, 1, (6, 3, 7)).astype(np.float32)
+    with VectorEnv(faulty, backend="process") as pv, VectorEnv(fns) as iv:
+        pv.reset(seed=4)
+        iv.reset(seed=4)
+        for s in range(6):
+            if s == 1:
+                os.kill(pv.worker_pids[0], signal.SIGKILL)  # mid-episode, between steps
+            if s == 2:
+                with pytest.warns(RuntimeWarning, match="FloatingPointError"):
+                    r1 = pv.step(a[s])
+            elif s == 1:
+                with pytest.warns(RuntimeWarning, match="signal 9"):
+                    r1 = pv.step(a[s])
+            else:
+                r1 = pv.step(a[s])
+            r2 = iv.step(a[s])
+            # env 1 never failed: its data equal the reference's at every step
+            _same(r1[0]["image"][1], r2[0]["image"][1], f"env 1 obs at step {s}")
+            assert r1[1][1] == r2[1][1]
+            restarted = r1[4]["worker_restarted"]
+            assert list(restarted) == [s == 1, False, s == 2]
+            if restarted.any():
+                assert r1[3][restarted].all() and r1[4]["done"][restarted].all() and "final_obs" in r1[4]
+                assert (r1[1][restarted] == 0).all()
+        assert list(pv.restarts) == [1, 0, 1]
+        pids = pv.worker_pids
+    assert not any(_alive(p) for p in pids)
+
+
+def test_hanging_step_is_killed_after_step_timeout():
+    fns = [lambda: SlowEnv(make_env(TASKS[0], image_size=16, seed=0), 30.0), _fns(1, size=16)[0]]
+    with VectorEnv(fns, backend="process", step_timeout=1.0) as v:
+        v.reset(seed=0)
+        t0 = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="timed out"):
+            _, _, _, trunc, info = v.step(np.zeros((2, 7), np.float32))
+        assert time.monotonic() - t0 < 10
+        assert list(info["worker_restarted"]) == [True, False] and trunc[0]
+
+
+# --- no leftover processes --------------------------------------------------------------------
+
+def test_close_leaves_no_processes_and_no_shared_memory():
+    v = VectorEnv(_fns(2, size=16), backend="process")
+    v.reset(seed=0)
+    pids, name = v.worker_pids, v.batch.name
+    v.close()
+    v.close()  # idempotent
+    assert not any(_alive(p) for p in pids)
+    assert not os.path.exists("/dev/shm/" + name.lstrip("/"))
+    with pytest.raises(RuntimeError, match="closed"):
+        v.step(np.zeros((2, 7), np.float32))
+
+
+def test_ctrl_c_and_killed_manager_leave_no_processes(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time, numpy as np
+        from vlarl_fast.envs import VectorEnv, make_env
+        if __name__ == "__main__":
+            fns = [(lambda i=i: make_env({TASKS[0]!r}, image_size=16, seed=i)) for i in range(2)]
+            v = VectorEnv(fns, backend="process")
+            v.reset(seed=0)
+            print(v.batch.name, " ".join(map(str, v.worker_pids)), flush=True)
+            try:
+                while True:
+                    v.step(np.zeros((2, 7), np.float32))
+            finally:
+                if sys.argv[1] == "close":
+                    v.close()
+    """)
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    for mode, sig in (("close", signal.SIGINT), ("noclose", signal.SIGINT), ("noclose", signal.SIGKILL)):
+        p = subprocess.Popen([sys.executable, str(path), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            name, *pids = p.stdout.readline().split()
+            pids = [int(x) for x in pids]
+            assert len(pids) == 2, p.stderr.read()
+            time.sleep(0.3)
+            p.send_signal(sig)
+            p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(q) for q in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(q) for q in pids), (mode, sig)
+        from vlarl_fast._C import SharedBatch
+        # a manager killed by SIGKILL cannot unlink its batch's name; the others must have
+        assert SharedBatch.remove(name) == (sig == signal.SIGKILL), (mode, sig)

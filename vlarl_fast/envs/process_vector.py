@@ -1,0 +1,461 @@
+"""``ProcessVectorEnv``: the in-process ``VectorEnv``'s interface, with one worker process per env.
+
+Same semantics as ``vector.VectorEnv`` (same-step auto-reset, ``info["final_obs"]``,
+``reset_options``, ``reset_env``, ``observations``), checked step by step against it in
+tests/test_workers.py. Observations, rewards and flags come back through a shared-memory batch
+(see workers.py); the manager only copies the rows it returns.
+
+Asynchronous use (EnvPool style): ``send(actions, env_ids)`` starts those envs and returns at
+once; ``recv()`` waits for the first ``batch_size`` envs in flight to finish (all of them when
+``batch_size`` is None) and returns their results, with ``info["env_id"]`` saying which.
+
+Recovery: a worker that dies (signal, segfault), raises, or exceeds ``step_timeout`` is restarted
+with the same factory; its env is reset with the next seed of its seed stream, and the step comes
+back ``truncated`` with ``info["worker_restarted"]`` set. The other envs are not touched.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import workers as W
+from .vector import _stack
+
+# a worker whose env keeps failing right after a restart is a bug, not bad luck
+MAX_CONSECUTIVE_RESTARTS = 3
+# seed stream of a restarted env: its last explicit reset seed + this x restarts
+RESTART_SEED_STRIDE = 1_000_003
+_WAIT_SLICE_S = 0.05
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _batch_fields(obs_space, action_space, num_envs: int) -> dict:
+    from gymnasium import spaces
+    if not isinstance(obs_space, spaces.Dict) or not all(isinstance(s, spaces.Box) for s in obs_space.spaces.values()):
+        raise TypeError(f"ProcessVectorEnv needs a Dict observation space of Box entries; got {obs_space}")
+    if not isinstance(action_space, spaces.Box):
+        raise TypeError(f"ProcessVectorEnv needs a Box action space; got {action_space}")
+    if len(obs_space.spaces) > 5:
+        raise TypeError("ProcessVectorEnv supports at most 5 observation entries (the batch holds 16 fields)")
+    fields = {}
+    for k, s in obs_space.spaces.items():
+        fields[k] = (s.dtype, s.shape or (1,))
+        fields["final_" + k] = (s.dtype, s.shape or (1,))
+    fields.update(action=(action_space.dtype, action_space.shape), reward=("float64", ()),
+                  flags=("uint8", (W.NUM_FLAGS,)), ctl=("int64", (2,)), init_state=("int64", ()),
+                  text=("uint8", (W.TEXT_BYTES,)))
+    return fields
+
+
+class _Worker:
+    def __init__(self, ctx, index: int, fn_bytes: bytes, env_vars: dict):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=W.worker_main, args=(index, fn_bytes, child, env_vars),
+                                name=f"vlarl-env-{index}", daemon=True)
+        self.proc.start()
+        child.close()
+
+    def handshake(self, timeout: float):
+        if not self.conn.poll(timeout):
+            raise WorkerError(f"worker {self.proc.name} sent nothing within {timeout:.0f} s of starting")
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            raise WorkerError(f"worker {self.proc.name} exited while building its env "
+                              f"(exit code {self.proc.exitcode})") from None
+        if msg[0] == "error":
+            raise WorkerError(msg[1])
+        return msg[1], msg[2]
+
+    def error_message(self) -> str:
+        try:
+            if self.conn.poll(0):
+                msg = self.conn.recv()
+                if msg[0] == "error":
+                    return msg[1]
+        except (EOFError, OSError):
+            pass
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            return f"worker killed by signal {-code}"
+        return f"worker exited with code {code}" if code is not None else "worker timed out"
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout)
+        self.conn.close()
+
+
+def _shutdown(workers: list, batch) -> None:
+    """Close everything: ask each worker to exit, then kill stragglers, then unlink the batch."""
+    if batch is not None and not batch.closed:
+        for i, w in enumerate(workers):
+            if w is not None and w.proc.is_alive():
+                batch.slot("ctl", i)[0] = W.CLOSE
+                batch.set_state(i, W.CMD)
+    for w in workers:
+        if w is not None:
+            w.stop()
+    if batch is not None and not batch.closed:
+        batch.close()
+
+
+class ProcessVectorEnv:
+    def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
+                 autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
+                 start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None):
+        from .._ext import require_ext
+        C = require_ext()
+        import cloudpickle
+        if not env_fns:
+            raise ValueError("VectorEnv needs at least one env factory")
+        self.num_envs = n = len(env_fns)
+        self.reset_options, self.autoreset = reset_options, autoreset
+        self.batch_size, self.step_timeout, self.start_timeout = batch_size, step_timeout, start_timeout
+        self._ctx = mp.get_context(start_method)
+        self._fn_bytes = [cloudpickle.dumps(fn) for fn in env_fns]
+        if worker_env is None or isinstance(worker_env, dict):
+            worker_env = [dict(worker_env or {})] * n
+        # llvmpipe otherwise spreads each render over every core, fighting the other workers
+        self._worker_env = [{"LP_NUM_THREADS": "1", **e} for e in worker_env]
+        self._workers: list[_Worker | None] = [None] * n
+        self.batch = None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, None)
+        try:
+            for i in range(n):
+                self._workers[i] = _Worker(self._ctx, i, self._fn_bytes[i], self._worker_env[i])
+            spaces = [w.handshake(start_timeout) for w in self._workers]
+            self.single_observation_space, self.single_action_space = spaces[0]
+            for i, (o, a) in enumerate(spaces[1:], 1):
+                if o != spaces[0][0] or a != spaces[0][1]:
+                    raise ValueError(f"env {i} has spaces ({o}, {a}) but env 0 has {spaces[0]}; "
+                                     "all envs of one VectorEnv must share their spaces")
+            self.batch = C.SharedBatch.create(None, n, _batch_fields(*spaces[0], n))
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _shutdown, self._workers, self.batch)
+            for w in self._workers:
+                w.conn.send(("batch", self.batch.name))
+        except BaseException:
+            self.close()
+            raise
+        self._obs_keys = list(self.single_observation_space.spaces)
+        self._obs_shapes = {k: s.shape for k, s in self.single_observation_space.spaces.items()}
+        b = self.batch
+        self._a = {k: b.array(k) for k in b.fields}
+        self._instructions = [""] * n
+        self._task_ids = [""] * n
+        self._init_states = np.zeros(n, dtype=np.int64)
+        self._ep_return = np.zeros(n, dtype=np.float64)
+        self._ep_len = np.zeros(n, dtype=np.int64)
+        self._seeds: list[int | None] = [None] * n
+        self._restarts = np.zeros(n, dtype=np.int64)
+        self._consecutive = np.zeros(n, dtype=np.int64)
+        self._in_flight: dict[int, float] = {}  # env id -> time it was started
+        self._failed: dict[int, str] = {}  # env id -> why its worker was restarted (not yet reported)
+        self._lost_stats: dict[int, tuple[float, int]] = {}
+
+    # ---- dispatch and collection -------------------------------------------------------------
+    def _obs_rows(self, ids, prefix: str = "") -> dict:
+        return {k: self._a[prefix + k][ids].reshape((len(ids),) + self._obs_shapes[k]) for k in self._obs_keys}
+
+    def _start(self, i: int, cmd: int, *, seed: int | None = None, options: dict | None = None) -> None:
+        flags, ctl = self._a["flags"][i], self._a["ctl"][i]
+        flags[:] = 0
+        ctl[0] = cmd
+        if cmd == W.RESET:
+            flags[W.F_HAS_SEED] = seed is not None
+            ctl[1] = 0 if seed is None else int(seed)
+            if options is not None:
+                flags[W.F_HAS_OPTIONS] = 1
+                self._workers[i].conn.send(options)
+        else:
+            # with reset_options the manager resets (it must call reset_options(i) at episode end)
+            flags[W.F_AUTORESET] = self.autoreset and self.reset_options is None
+        self._in_flight[i] = time.monotonic()
+        self.batch.set_state(i, W.CMD)
+
+    def _wait(self, ids: Sequence[int], count: int) -> list[int]:
+        """Wait until `count` of `ids` have finished (DONE, or restarted after a failure, which is
+        recorded in self._failed). Returns the finished ids; they stay in self._in_flight."""
+        want = set(int(i) for i in ids)
+        done: list[int] = [i for i in want if i in self._failed]
+        want.difference_update(done)
+        while True:
+            states = self.batch.states()
+            for i in list(want):
+                if states[i] == W.DONE:
+                    want.discard(i)
+                    if self._a["flags"][i, W.F_ERROR]:
+                        self._failed[i] = self._restart(i)
+                    else:
+                        self._consecutive[i] = 0
+                    done.append(i)
+            if len(done) >= count:
+                return done
+            self.batch.wait_any(W.DONE, min_count=int((states == W.DONE).sum()) + 1, timeout=_WAIT_SLICE_S)
+            now = time.monotonic()
+            for i in list(want):
+                w = self._workers[i]
+                late = self.step_timeout is not None and now - self._in_flight.get(i, now) > self.step_timeout
+                if self.batch.state(i) != W.DONE and (not w.proc.is_alive() or late):
+                    want.discard(i)
+                    self._failed[i] = self._restart(i, timed_out=late and w.proc.is_alive())
+                    done.append(i)
+
+    def _restart(self, i: int, timed_out: bool = False) -> str:
+        """Replace worker i by a fresh one with the same factory; reset its env on its seed stream."""
+        old = self._workers[i]
+        # episode statistics up to the last completed step, reported with the truncated step
+        self._lost_stats[i] = (float(self._ep_return[i]), int(self._ep_len[i]))
+        if timed_out:
+            old.proc.kill()
+        old.proc.join(5.0)
+        why = "step timed out" if timed_out else old.error_message()
+        old.stop(0.5)
+        self._consecutive[i] += 1
+        if self._consecutive[i] > MAX_CONSECUTIVE_RESTARTS:
+            raise WorkerError(f"env {i} failed {MAX_CONSECUTIVE_RESTARTS + 1} times in a row; last failure: {why}")
+        warnings.warn(f"env worker {i} restarted ({why.strip().splitlines()[-1]}); its episode is cut short",
+                      RuntimeWarning, stacklevel=4)
+        self._restarts[i] += 1
+        self.batch.set_state(i, W.IDLE)
+        w = _Worker(self._ctx, i, self._fn_bytes[i], self._worker_env[i])
+        self._workers[i] = w
+        w.handshake(self.start_timeout)
+        w.conn.send(("batch", self.batch.name))
+        seed = self._seeds[i]
+        seed = None if seed is None else seed + RESTART_SEED_STRIDE * int(self._restarts[i])
+        self._reset_now(i, seed, self.reset_options(i) if self.reset_options is not None else None)
+        return why
+
+    def _reset_now(self, i: int, seed, options) -> None:
+        self._start(i, W.RESET, seed=seed, options=options)
+        self._wait([i], 1)
+        self._in_flight.pop(i, None)
+        if self._failed.pop(i, None) is None:  # else a restart has reset it and read its info
+            self._read_reset_info(i)
+            self.batch.set_state(i, W.IDLE)
+
+    def _read_reset_info(self, i: int) -> None:
+        text = self._a["text"][i]
+        self._instructions[i] = W.decode(text[:W.INSTRUCTION_BYTES])
+        self._task_ids[i] = W.decode(text[W.INSTRUCTION_BYTES:])
+        self._init_states[i] = self._a["init_state"][i]
+        self._ep_return[i] = 0.0
+        self._ep_len[i] = 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this VectorEnv is closed")
+
+    # ---- helpers of the in-process VectorEnv's interface ------------------------------------
+    def reset_env(self, i: int, seed: int | None = None, options: dict | None = None) -> dict:
+        """Reset one env (e.g. to a chosen initial state); returns its first observation."""
+        self._check_open()
+        if i in self._in_flight:
+            raise RuntimeError(f"env {i} is still stepping: recv() its result before resetting it")
+        if options is None and self.reset_options is not None:
+            options = self.reset_options(i)
+        if seed is not None:
+            self._seeds[i] = int(seed)
+        self._reset_now(i, seed, options)
+        return {k: v[0] for k, v in self._obs_rows([i]).items()}
+
+    def observations(self, ids) -> dict:
+        """Current observations of the given envs, stacked (a copy)."""
+        return self._obs_rows(np.asarray(ids, dtype=np.int64))
+
+    @property
+    def instructions(self) -> list[str]:
+        return list(self._instructions)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self._task_ids)
+
+    @property
+    def init_states(self) -> np.ndarray:
+        return self._init_states.copy()
+
+    @property
+    def restarts(self) -> np.ndarray:
+        """How many times each env's worker was restarted."""
+        return self._restarts.copy()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if w is not None]
+
+    # ---- gymnasium vector API ----------------------------------------------------------------
+    def reset(self, *, seed: int | Sequence[int] | None = None, options: dict | None = None):
+        self._check_open()
+        if self._in_flight:  # results nobody asked for any more
+            self._wait(list(self._in_flight), len(self._in_flight))
+            for i in self._in_flight:
+                if self.batch.state(i) == W.DONE:
+                    self.batch.set_state(i, W.IDLE)
+            self._in_flight.clear()
+            self._failed.clear()
+        n = self.num_envs
+        if seed is None or isinstance(seed, (int, np.integer)):
+            seeds = [None if seed is None else int(seed) + i for i in range(n)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != n:
+                raise ValueError(f"reset got {len(seeds)} seeds for {n} envs")
+        per_env = options.get("per_env") if options else None
+        for i in range(n):  # reset_options(i) in env order, as the in-process VectorEnv calls it
+            opts = per_env[i] if per_env else None
+            if opts is None and self.reset_options is not None:
+                opts = self.reset_options(i)
+            if seeds[i] is not None:
+                self._seeds[i] = int(seeds[i])
+            self._start(i, W.RESET, seed=seeds[i], options=opts)
+        self._wait(range(n), n)
+        for i in range(n):
+            self._in_flight.pop(i, None)
+            if self._failed.pop(i, None) is None:
+                self._read_reset_info(i)
+                self.batch.set_state(i, W.IDLE)
+        ids = np.arange(n)
+        return self._obs_rows(ids), self._info(ids)
+
+    def _info(self, ids: np.ndarray) -> dict:
+        return {"env_id": ids, "instruction": [self._instructions[i] for i in ids],
+                "task_id": [self._task_ids[i] for i in ids], "init_state": self._init_states[ids]}
+
+    def _check_actions(self, actions, ids: np.ndarray) -> np.ndarray:
+        actions = np.asarray(actions)
+        expected = (len(ids),) + tuple(self.single_action_space.shape)
+        if actions.shape != expected:
+            raise ValueError(f"actions must have shape {expected} (one {self.single_action_space.shape} action "
+                             f"per env); got {actions.shape}")
+        if not np.can_cast(actions.dtype, self.single_action_space.dtype, casting="same_kind"):
+            raise TypeError(f"actions must be numbers castable to {self.single_action_space.dtype}; got {actions.dtype}")
+        if len(set(ids.tolist())) != len(ids) or (len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs)):
+            raise ValueError(f"env_ids must be distinct ids in [0, {self.num_envs}); got {ids.tolist()}")
+        busy = [int(i) for i in ids if int(i) in self._in_flight]
+        if busy:
+            raise RuntimeError(f"envs {busy} are still stepping: recv() their results before sending them actions")
+        return actions
+
+    def _dispatch(self, actions, ids: np.ndarray) -> None:
+        self._check_open()
+        actions = self._check_actions(actions, ids)
+        self._a["action"][ids] = actions.astype(self.single_action_space.dtype, copy=False)
+        for i in ids:
+            self._start(int(i), W.STEP)
+
+    def _collect(self, ids: np.ndarray, restarted: dict[int, str]):
+        """Results of finished envs `ids` (each DONE or restarted), in the in-process layout."""
+        n = len(ids)
+        a = self._a
+        flags = a["flags"][ids]
+        rewards = a["reward"][ids].astype(np.float32)
+        terminated = flags[:, W.F_TERM].astype(bool)
+        truncated = flags[:, W.F_TRUNC].astype(bool)
+        success = flags[:, W.F_SUCCESS].astype(bool)
+        reset_in_worker = flags[:, W.F_RESET].astype(bool)
+        was_restarted = np.array([int(i) in restarted for i in ids], dtype=bool)
+        rewards[was_restarted] = 0.0
+        terminated[was_restarted] = False
+        success[was_restarted] = False
+        truncated[was_restarted] = True
+        final_task, final_init = [self._task_ids[i] for i in ids], self._init_states[ids].copy()
+        done = terminated | truncated
+        final_obs = self._obs_rows(ids, "final_") if done.any() else None
+        ep_ret = np.zeros(n, dtype=np.float32)
+        ep_len = np.zeros(n, dtype=np.int64)
+        for j, i in enumerate(ids):
+            i = int(i)
+            if was_restarted[j]:
+                # the restart has reset the env already; report the episode up to its last completed step
+                ep_ret[j], ep_len[j] = self._lost_stats.pop(i, (0.0, 0))
+                continue
+            self._ep_return[i] += float(a["reward"][i])
+            self._ep_len[i] += 1
+            if done[j]:
+                ep_ret[j], ep_len[j] = self._ep_return[i], self._ep_len[i]
+                if reset_in_worker[j]:
+                    self._read_reset_info(i)
+                elif self.autoreset:
+                    self._reset_now(i, None, self.reset_options(i) if self.reset_options is not None else None)
+            self.batch.set_state(i, W.IDLE)
+        if final_obs is not None and was_restarted.any():
+            # a killed worker's last observation is gone: the final obs is the fresh episode's first
+            for k in self._obs_keys:
+                final_obs[k][was_restarted] = a[k][ids[was_restarted]].reshape((-1,) + self._obs_shapes[k])
+        obs = self._obs_rows(ids)
+        if final_obs is not None:
+            for k in self._obs_keys:  # envs that did not finish: final obs = current obs, as in-process
+                final_obs[k][~done] = obs[k][~done]
+        info = self._info(ids)
+        info.update(success=success, done=done, episode_return=ep_ret, episode_length=ep_len,
+                    final_task_id=final_task, final_init_state=final_init, worker_restarted=was_restarted)
+        if final_obs is not None:
+            info["final_obs"] = final_obs
+        return obs, rewards, terminated, truncated, info
+
+    def _finish(self, ids: np.ndarray):
+        restarted = {}
+        for i in ids:
+            self._in_flight.pop(int(i), None)
+            if int(i) in self._failed:
+                restarted[int(i)] = self._failed.pop(int(i))
+        return self._collect(ids, restarted)
+
+    def _step_ids(self, actions, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        self._dispatch(actions, ids)
+        self._wait(ids, len(ids))
+        return self._finish(ids)
+
+    def step(self, actions):
+        return self._step_ids(actions, np.arange(self.num_envs))
+
+    # ---- EnvPool-style async API -------------------------------------------------------------
+    def send(self, actions, env_ids) -> None:
+        """Start stepping `env_ids` with `actions` and return at once."""
+        self._dispatch(actions, np.asarray(env_ids, dtype=np.int64).reshape(-1))
+
+    def recv(self, batch_size: int | None = None):
+        """Results of the first `batch_size` envs in flight to finish (default: the constructor's
+        batch_size, or every env in flight), ordered by env id; ``info["env_id"]`` names them.
+        Envs that finished beyond `batch_size` stay finished for the next recv()."""
+        self._check_open()
+        if not self._in_flight:
+            raise RuntimeError("recv() called with no batch in flight: call send(actions, env_ids) first")
+        k = min(batch_size or self.batch_size or len(self._in_flight), len(self._in_flight))
+        done = self._wait(list(self._in_flight), k)
+        return self._finish(np.asarray(sorted(done[:k]), dtype=np.int64))
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
