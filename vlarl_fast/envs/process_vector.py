@@ -114,7 +114,8 @@ def _shutdown(workers: list, batch) -> None:
 class ProcessVectorEnv:
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
                  autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
-                 start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None):
+                 start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None,
+                 render_devices: Sequence[int] | str | None = "auto"):
         from .._ext import require_ext
         C = require_ext()
         import cloudpickle
@@ -127,8 +128,13 @@ class ProcessVectorEnv:
         self._fn_bytes = [cloudpickle.dumps(fn) for fn in env_fns]
         if worker_env is None or isinstance(worker_env, dict):
             worker_env = [dict(worker_env or {})] * n
+        # render devices: "auto" = the GPUs NVML shows (narrowed by CUDA_VISIBLE_DEVICES), spread
+        # evenly; None or no GPU = CPU rendering. Measured-cost rebalancing is balance.assign_devices.
+        from .balance import worker_render_envs
+        gpus = None if render_devices == "auto" else list(render_devices or [])
+        render = worker_render_envs(n, gpus)
         # llvmpipe otherwise spreads each render over every core, fighting the other workers
-        self._worker_env = [{"LP_NUM_THREADS": "1", **e} for e in worker_env]
+        self._worker_env = [{"LP_NUM_THREADS": "1", **r, **e} for r, e in zip(render, worker_env)]
         self._workers: list[_Worker | None] = [None] * n
         self.batch = None
         self._closed = False
