@@ -56,7 +56,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 def _cpu_peaks(N, H, V):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(N), str(H), str(V)], capture_output=True,
-                         text=True, check=True, timeout=600, env=env)
+                         text=True, check=True, timeout=600, env=env, cwd="/")  # not the checkout: -c imports from the cwd
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

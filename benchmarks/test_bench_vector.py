@@ -44,7 +44,7 @@ print(n / (time.perf_counter() - t0))
 def _single_env_rate(size: int, steps: int) -> float:
     env = {**os.environ, "LP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _SINGLE, TASKS[0], str(size), str(steps)], env=env,
-                         capture_output=True, text=True, check=True, timeout=300)
+                         capture_output=True, text=True, check=True, timeout=300, cwd="/")  # not the checkout: -c imports from the cwd
     return float(out.stdout.strip().splitlines()[-1])
 
 

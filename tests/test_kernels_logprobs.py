@@ -302,6 +302,6 @@ def test_torch_path_peak_memory_is_a_fraction_of_naive():
     # Naive: N x V x 4 B = 262 MB per full-vocabulary temporary.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True,
-                         timeout=300, env=env)
+                         timeout=300, env=env, cwd="/")  # not the checkout: -c imports from the cwd
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     assert peaks["fused"] <= peaks["naive"] / 4, {k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}
