@@ -10,54 +10,17 @@ gather -- what VLA-RL does), time and peak memory, in the same run.
   torch.cuda.max_memory_allocated above the inputs, trainable and frozen lm_head.
 Under ``--benchmark-disable`` the CPU case shrinks to N=512 and runs once (a smoke test).
 """
-import json
-import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from _timing import median_seconds, record
 
 from vlarl_fast.kernels import action_logprobs, action_logprobs_naive
-
-_PEAK_SCRIPT = textwrap.dedent("""
-    import json, os, sys, torch
-    from vlarl_fast.kernels import action_logprobs, action_logprobs_naive
-    N, H, V = (int(x) for x in sys.argv[1:4])
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(N, H, generator=g).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * (2 / H ** 0.5)).requires_grad_()
-    targets = torch.randint(0, V, (N,), generator=g)
-    def status(key):  # bytes; VmHWM is this process's own high-water RSS (ru_maxrss can carry the
-        # parent's across fork + exec)
-        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-    def reset_high_water():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        except OSError:
-            pass  # without the reset VmHWM only grows: fused first keeps its figure honest
-    for f in (action_logprobs, action_logprobs_naive):  # one-time init (thread pools, BLAS) off the books
-        f(hidden[:4].detach(), weight.detach(), targets[:4])
-    peaks = {}
-    # fused first: should the high-water reset be unavailable, the naive call still sets a new mark
-    for name, f in (("fused", action_logprobs), ("naive", action_logprobs_naive)):
-        hidden.grad = weight.grad = None
-        reset_high_water()
-        before = status("VmRSS:")
-        f(hidden, weight, targets).sum().backward()
-        peaks[name] = status("VmHWM:") - before
-    print(json.dumps(peaks))
-""")
-
+from vlarl_fast.kernels.memory_probe import cpu_peaks
 
 def _cpu_peaks(N, H, V):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(N), str(H), str(V)], capture_output=True,
-                         text=True, check=True, timeout=600, env=env, cwd="/")  # not the checkout: -c imports from the cwd
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return cpu_peaks(N, H, V, weight_scale=2 / H ** 0.5)
 
 
 def _inputs(N, H, V, dtype, device, seed=0):

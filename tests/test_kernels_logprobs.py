@@ -5,17 +5,16 @@ contract of DESIGN.md §4 in three lines. The Triton backend runs compiled on a 
 under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors, tiny shapes) otherwise.
 """
 import importlib
-import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vlarl_fast.kernels import action_logprobs
+from vlarl_fast.kernels.memory_probe import cpu_peaks
 
 # the submodule, not the function of the same name that vlarl_fast.kernels re-exports
 al_mod = importlib.import_module("vlarl_fast.kernels.action_logprobs")
@@ -263,35 +262,6 @@ def test_triton_path_reports_non_finite(triton_device):
 
 
 # ---- memory property of the torch path ---------------------------------------------------
-_PEAK_SCRIPT = textwrap.dedent("""
-    import json, os, torch
-    from vlarl_fast.kernels import action_logprobs, action_logprobs_naive
-    N, H, V = 2048, 32, 32064
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(N, H, generator=g).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * 0.2).requires_grad_()
-    targets = torch.randint(0, V, (N,), generator=g)
-    def status(key):  # bytes; VmHWM is this process's own high-water RSS (ru_maxrss can carry the
-        # parent's across fork + exec)
-        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-    def reset_high_water():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        except OSError:
-            pass  # without the reset VmHWM only grows: fused first keeps its figure honest
-    for f in (action_logprobs, action_logprobs_naive):  # one-time init (thread pools, BLAS) off the books
-        f(hidden[:4].detach(), weight.detach(), targets[:4])
-    peaks = {}
-    # fused first: should the high-water reset be unavailable, the naive call still sets a new mark
-    for name, f in (("fused", action_logprobs), ("naive", action_logprobs_naive)):
-        hidden.grad = weight.grad = None
-        reset_high_water()
-        before = status("VmRSS:")
-        f(hidden, weight, targets).sum().backward()
-        peaks[name] = status("VmHWM:") - before
-    print(json.dumps(peaks))
-""")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -300,8 +270,5 @@ def test_torch_path_peak_memory_is_a_fraction_of_naive():
     # told to mmap every block over 64 KiB, so a freed temporary leaves RSS at once and the
     # high-water mark is the peak of live bytes (not of arena pages kept for reuse).
     # Naive: N x V x 4 B = 262 MB per full-vocabulary temporary.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True,
-                         timeout=300, env=env, cwd="/")  # not the checkout: -c imports from the cwd
-    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    peaks = cpu_peaks(2048, 32, 32064, weight_scale=0.2, timeout=300)
     assert peaks["fused"] <= peaks["naive"] / 4, {k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}
