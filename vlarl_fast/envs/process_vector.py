@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import workers as W
-from .vector import _stack
+from .vector import ClosingContext, _stack
 
 # a worker whose env keeps failing right after a restart is a bug, not bad luck
 MAX_CONSECUTIVE_RESTARTS = 3
@@ -111,7 +111,7 @@ def _shutdown(workers: list, batch) -> None:
         batch.close()
 
 
-class ProcessVectorEnv:
+class ProcessVectorEnv(ClosingContext):
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
                  autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
                  start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None,
@@ -453,15 +453,3 @@ class ProcessVectorEnv:
             return
         self._closed = True
         self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

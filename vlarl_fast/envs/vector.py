@@ -20,7 +20,26 @@ def _stack(obs_list: list[dict]) -> dict:
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
-class VectorEnv:
+class ClosingContext:
+    """``with``-statement support and a last-chance ``close()`` when collected, for both backends."""
+
+    def close(self) -> None:  # pragma: no cover - every backend defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class VectorEnv(ClosingContext):
     def __new__(cls, env_fns=(), *, backend: str = "inprocess", **kwargs):
         if backend == "process":
             from .process_vector import ProcessVectorEnv
@@ -150,15 +169,3 @@ class VectorEnv:
         self._closed = True
         for env in self.envs:
             env.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
