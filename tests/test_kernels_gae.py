@@ -2,11 +2,11 @@
 hand-computed cases for terminations, truncations with bootstrap values and episode ends inside
 the horizon."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from _triton_child import run_triton_tests_under_interpreter
 
 from vlarl_fast.kernels import gae, gae_reference, gae_stepwise
 
@@ -154,12 +154,4 @@ def test_triton_gae_default_backend_and_bool_flags(triton_device):
 
 def test_triton_gae_under_interpreter():
     """Runs this file's Triton tests in a child pytest with TRITON_INTERPRET=1 (CPU machines)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the Triton tests run directly here")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton_gae and not under_interpreter"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-3000:]
+    run_triton_tests_under_interpreter(__file__, "triton_gae")

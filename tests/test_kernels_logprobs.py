@@ -6,12 +6,13 @@ under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors, tiny shapes) otherw
 """
 import importlib
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _triton_child import run_triton_tests_under_interpreter
 
 from vlarl_fast.kernels import action_logprobs
 from vlarl_fast.kernels.memory_probe import cpu_peaks
@@ -211,15 +212,7 @@ def triton_device():
 
 def test_triton_path_under_interpreter():
     """Runs this file's Triton tests in a child pytest with TRITON_INTERPRET=1 (CPU machines)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the Triton tests run directly here")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "triton_path and not under_interpreter"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-3000:]
+    run_triton_tests_under_interpreter(__file__, "triton_path")
 
 
 # small shapes: the interpreter is 500-8000x slower than torch. (5, 16, 300) spans several vocab

@@ -16,7 +16,6 @@ back ``truncated`` with ``info["worker_restarted"]`` set. The other envs are not
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 import warnings
 import weakref
@@ -25,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import workers as W
-from .vector import ClosingContext, _stack
+from .vector import VectorEnvBase
 
 # a worker whose env keeps failing right after a restart is a bug, not bad luck
 MAX_CONSECUTIVE_RESTARTS = 3
@@ -111,7 +110,7 @@ def _shutdown(workers: list, batch) -> None:
         batch.close()
 
 
-class ProcessVectorEnv(ClosingContext):
+class ProcessVectorEnv(VectorEnvBase):
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
                  autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
                  start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None,
@@ -282,18 +281,6 @@ class ProcessVectorEnv(ClosingContext):
     def observations(self, ids) -> dict:
         """Current observations of the given envs, stacked (a copy)."""
         return self._obs_rows(np.asarray(ids, dtype=np.int64))
-
-    @property
-    def instructions(self) -> list[str]:
-        return list(self._instructions)
-
-    @property
-    def task_ids(self) -> list[str]:
-        return list(self._task_ids)
-
-    @property
-    def init_states(self) -> np.ndarray:
-        return self._init_states.copy()
 
     @property
     def restarts(self) -> np.ndarray:

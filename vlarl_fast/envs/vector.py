@@ -20,8 +20,21 @@ def _stack(obs_list: list[dict]) -> dict:
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
-class ClosingContext:
-    """``with``-statement support and a last-chance ``close()`` when collected, for both backends."""
+class VectorEnvBase:
+    """What both backends share: per-env episode facts (kept in ``_instructions``, ``_task_ids``,
+    ``_init_states``), ``with``-statement support and a last-chance ``close()`` when collected."""
+
+    @property
+    def instructions(self) -> list[str]:
+        return list(self._instructions)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self._task_ids)
+
+    @property
+    def init_states(self) -> np.ndarray:
+        return self._init_states.copy()
 
     def close(self) -> None:  # pragma: no cover - every backend defines it
         raise NotImplementedError
@@ -39,7 +52,7 @@ class ClosingContext:
             pass
 
 
-class VectorEnv(ClosingContext):
+class VectorEnv(VectorEnvBase):
     def __new__(cls, env_fns=(), *, backend: str = "inprocess", **kwargs):
         if backend == "process":
             from .process_vector import ProcessVectorEnv
@@ -84,18 +97,6 @@ class VectorEnv(ClosingContext):
     def observations(self, ids) -> dict:
         """Current observations of the given envs, stacked."""
         return _stack([self._obs[i] for i in ids])
-
-    @property
-    def instructions(self) -> list[str]:
-        return list(self._instructions)
-
-    @property
-    def task_ids(self) -> list[str]:
-        return list(self._task_ids)
-
-    @property
-    def init_states(self) -> np.ndarray:
-        return self._init_states.copy()
 
     # ---- gymnasium vector API --------------------------------------------------------------
     def reset(self, *, seed: int | Sequence[int] | None = None, options: dict | None = None):
