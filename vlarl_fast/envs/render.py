@@ -49,11 +49,23 @@ def _install(context_cls) -> None:
     gl_context.GLContext = context_cls
 
 
+def _load_triton_first() -> None:
+    """Mesa's software renderer and Triton each carry their own LLVM: loading libtriton after a Mesa
+    GL context exists crashes the process (seen with triton 3.9, Mesa llvmpipe), and torch and
+    transformers import triton lazily, often after the first env has rendered. Loaded first, both
+    work, so it is loaded here, before any GL context."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or broken: nothing to order
+        pass
+
+
 def select_backend() -> str:
     """Respect MUJOCO_GL if set; otherwise pick EGL, then OSMesa. Cached per process."""
     global _selected
     if _selected is not None:
         return _selected
+    _load_triton_first()
     forced = os.environ.get("MUJOCO_GL")
     candidates = [forced] if forced else ["egl", "osmesa"]
     tried: dict[str, str] = {}
