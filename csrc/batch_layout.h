@@ -3,7 +3,7 @@
 // lines, and the arrays suit vector loads). The layout is serialised into the region's header,
 // so a process can attach by name alone.
 //
-// Region:  [Header][pad][epoch word][pad to 64][num_envs slot-state words][pad]
+// Region:  [Header][pad][EpochBlock][pad][num_envs slot-state words][pad][num_envs slot stamps][pad]
 //          [field 0: num_envs x bytes_per_env][pad to 64][field 1] ...
 #pragma once
 
@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "epoch_waiters.h"
+
 namespace vlarl {
 
 constexpr size_t kAlign = 64;
@@ -20,7 +22,8 @@ constexpr size_t kMaxFields = 16;
 constexpr size_t kMaxDims = 4;
 constexpr size_t kNameLen = 32;
 constexpr uint64_t kMagic = 0x564c41524c424154ULL;  // "VLARLBAT"
-constexpr uint32_t kLayoutVersion = 2;
+constexpr uint32_t kLayoutVersion = 3;
+constexpr size_t kShmNameLen = 256;  // POSIX names up to 249 characters (see shm_region.h), NUL-terminated
 
 inline size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -58,8 +61,10 @@ struct Header {
   uint64_t num_envs;
   uint64_t num_fields;
   uint64_t total_size;
-  uint64_t epoch_offset;   // one uint32 futex word bumped on every slot-state change
+  uint64_t sync_offset;    // the EpochBlock: epoch word, stamp counter, waiter entries
   uint64_t states_offset;  // num_envs uint32 slot-state words
+  uint64_t stamps_offset;  // num_envs uint32: when each slot last changed state (its order among changes)
+  char shm_name[kShmNameLen];  // the name it was created under: a process attached by descriptor can say which batch
   FieldDesc fields[kMaxFields];
 };
 
@@ -79,9 +84,11 @@ inline size_t make_layout(size_t num_envs, const std::vector<FieldSpec>& specs, 
   header->num_envs = num_envs;
   header->num_fields = specs.size();
   size_t offset = align_up(sizeof(Header));
-  header->epoch_offset = offset;
-  offset += kAlign;
+  header->sync_offset = offset;
+  offset = align_up(offset + sizeof(EpochBlock));
   header->states_offset = offset;
+  offset = align_up(offset + num_envs * sizeof(uint32_t));
+  header->stamps_offset = offset;
   offset = align_up(offset + num_envs * sizeof(uint32_t));
   for (size_t i = 0; i < specs.size(); ++i) {
     const FieldSpec& s = specs[i];
@@ -119,8 +126,10 @@ inline void validate_layout(const Header& h, size_t region_size, const std::stri
                              std::to_string(h.layout_version) + ", this build reads version " +
                              std::to_string(kLayoutVersion) + " (mixed installs?)");
   bool ok = h.total_size <= region_size && h.num_fields >= 1 && h.num_fields <= kMaxFields && h.num_envs >= 1 &&
-            h.epoch_offset % kAlign == 0 && h.epoch_offset + sizeof(uint32_t) <= h.total_size &&
-            h.states_offset + h.num_envs * sizeof(uint32_t) <= h.total_size;
+            h.sync_offset % kAlign == 0 && h.sync_offset + sizeof(EpochBlock) <= h.total_size &&
+            h.states_offset % kAlign == 0 && h.states_offset + h.num_envs * sizeof(uint32_t) <= h.total_size &&
+            h.stamps_offset % kAlign == 0 && h.stamps_offset + h.num_envs * sizeof(uint32_t) <= h.total_size &&
+            h.shm_name[kShmNameLen - 1] == '\0';
   for (size_t i = 0; ok && i < h.num_fields; ++i) {
     const FieldDesc& f = h.fields[i];
     ok = f.name[kNameLen - 1] == '\0' && f.ndim <= kMaxDims && dtype_size_or_zero(f.dtype) != 0 &&

@@ -89,6 +89,27 @@ size_t env_index(const ShmBatch& b, int64_t env) {
   return static_cast<size_t>(env);
 }
 
+// Env ids from any integer sequence or array (one dimension), checked against the batch.
+std::vector<size_t> parse_env_ids(const ShmBatch& b, py::handle ids) {
+  py::array arr = py::module_::import("numpy").attr("asarray")(ids);
+  if (arr.ndim() != 1) throw py::value_error("env_ids must be a 1-D sequence of env indices");
+  const char kind = arr.dtype().kind();
+  if (arr.size() > 0 && kind != 'i' && kind != 'u')
+    throw py::type_error("env_ids must be integers, got dtype " + std::string(py::str(arr.dtype())));
+  auto ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  std::vector<size_t> out(static_cast<size_t>(ints.size()));
+  const int64_t* p = ints.data();
+  for (size_t j = 0; j < out.size(); ++j) out[j] = env_index(b, p[j]);
+  return out;
+}
+
+py::array_t<int64_t> id_array(const std::vector<size_t>& ids) {
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(ids.size()));
+  int64_t* p = out.mutable_data();
+  for (size_t j = 0; j < ids.size(); ++j) p[j] = static_cast<int64_t>(ids[j]);
+  return out;
+}
+
 std::vector<FieldSpec> parse_fields(const py::dict& fields) {
   std::vector<FieldSpec> specs;
   for (auto item : fields) {
@@ -174,7 +195,13 @@ with process-shared wait/notify (futex). Views are numpy arrays over the shared 
     # in the manager
     ready = b.wait_any(1, min_count=4, timeout=5.0); obs = b.array("image")[ready]
 
-The creator unlinks the name on close() (or when it is garbage-collected); views stay valid.
+The creator unlinks the name on close() (or when it is garbage-collected), or earlier with
+unlink() once the other processes hold it (attached, or through fileno() passed over a Unix
+socket and attach_fd): then not even a killed creator leaves an entry in /dev/shm. Views stay valid.
+
+Many slots at once: set_states(ids, value) publishes them with one call; wait_slots(ids, value,
+min_count) sleeps (GIL released) until min_count of them hold value, woken once rather than per
+slot, and returns them in the order they reached it.
 )doc")
       .def_static("create", [](std::optional<std::string> name, size_t num_envs, const py::dict& fields) {
             std::vector<FieldSpec> specs = parse_fields(fields);
@@ -183,12 +210,16 @@ The creator unlinks the name on close() (or when it is garbage-collected); views
           "Create (and own) a batch. name: POSIX shm name ('/x' or 'x'; None picks a unique one); "
           "fields: {name: (dtype, shape per env)}")
       .def_static("attach", &ShmBatch::attach, py::arg("name"), "Attach to a batch another process created")
+      .def_static("attach_fd", &ShmBatch::attach_fd, py::arg("fd"),
+          "Attach through a descriptor of the batch (another process's fileno(), passed e.g. with "
+          "multiprocessing.reduction.send_handle); works after the name is unlinked. The caller keeps its fd.")
       .def_static("remove", [](const std::string& name) {
             return shm_unlink(vlarl::normalize_shm_name(name).c_str()) == 0;
           }, py::arg("name"), "Unlink a stale batch name left by a crashed owner; False if there was none")
       .def_property_readonly("name", &ShmBatch::name)
       .def_property_readonly("num_envs", &ShmBatch::num_envs)
-      .def_property_readonly("owner", &ShmBatch::owner, "True while this handle created the batch and has not closed it")
+      .def_property_readonly("owner", &ShmBatch::owner,
+          "True while this handle created the batch and its name is still linked (not closed or unlinked)")
       .def_property_readonly("nbytes", &ShmBatch::size)
       .def_property_readonly("closed", &ShmBatch::closed)
       .def_property_readonly("fields", [](const ShmBatch& b) {
@@ -226,7 +257,19 @@ The creator unlinks the name on close() (or when it is garbage-collected); views
             np.attr("copyto")(dst, src, "casting"_a = "same_kind");
           }, py::arg("field"), py::arg("env"), py::arg("value"),
           "Copy value into one env's slot; checks its shape exactly and its dtype (same kind, e.g. float64 -> float32)")
+      .def("fileno", &ShmBatch::fd, "The batch's file descriptor (this handle owns it), to pass to another process")
+      .def("unlink", &ShmBatch::unlink,
+           "Remove the name now (creator only; idempotent). Attached processes and passed descriptors keep "
+           "working; nobody can attach by name afterwards")
       .def("state", [](const ShmBatch& b, int64_t env) { return b.state(env_index(b, env)); }, py::arg("env"))
+      .def("stamp", [](const ShmBatch& b, int64_t env) { return b.stamp(env_index(b, env)); }, py::arg("env"),
+           "The number of the slot's last state change in the batch's sequence of changes (wraps at 2^32)")
+      .def("stamps", [](const ShmBatch& b) {
+            py::array_t<uint32_t> out(static_cast<py::ssize_t>(b.num_envs()));
+            auto* p = out.mutable_data();
+            for (size_t i = 0; i < b.num_envs(); ++i) p[i] = b.stamp(i);
+            return out;
+          }, "A copy of every slot's stamp (uint32)")
       .def("states", [](const ShmBatch& b) {
             py::array_t<uint32_t> out(static_cast<py::ssize_t>(b.num_envs()));
             auto* p = out.mutable_data();
@@ -239,6 +282,13 @@ The creator unlinks the name on close() (or when it is garbage-collected); views
             b.set_state(i, value);
           }, py::arg("env"), py::arg("value"),
           "Publish a slot's new state (after writing the slot) and wake every waiter")
+      .def("set_states", [](const ShmBatch& b, py::handle env_ids, uint32_t value) {
+            std::vector<size_t> ids = parse_env_ids(b, env_ids);
+            py::gil_scoped_release nogil;
+            b.set_states(ids.data(), ids.size(), value);
+          }, py::arg("env_ids"), py::arg("value"),
+          "Publish value in every listed slot with one call (same effect as set_state on each); every id is "
+          "checked before any slot changes")
       .def("compare_exchange", [](const ShmBatch& b, int64_t env, uint32_t expected, uint32_t desired) {
             size_t i = env_index(b, env);
             py::gil_scoped_release nogil;
@@ -251,6 +301,26 @@ The creator unlinks the name on close() (or when it is garbage-collected); views
             return interruptible_wait(parse_timeout(timeout), [&](double s) { return b->wait(i, value, s); });
           }, py::arg("env"), py::arg("value"), py::arg("timeout") = py::none(),
           "Block (GIL released) until the slot's state equals value; False on timeout (None: no limit)")
+      .def("publish_and_wait", [](const std::shared_ptr<ShmBatch>& b, int64_t env, uint32_t publish, uint32_t want,
+                                  std::optional<double> timeout) {
+            size_t i = env_index(*b, env);
+            {
+              py::gil_scoped_release nogil;
+              b->set_state(i, publish);
+            }
+            return interruptible_wait(parse_timeout(timeout), [&](double s) { return b->wait(i, want, s); });
+          }, py::arg("env"), py::arg("publish"), py::arg("want"), py::arg("timeout") = py::none(),
+          "A worker's round trip: set_state(env, publish), then wait(env, want, timeout)")
+      .def("wait_slots", [](const std::shared_ptr<ShmBatch>& b, py::handle env_ids, uint32_t value,
+                            std::optional<size_t> min_count, std::optional<double> timeout) {
+            std::vector<size_t> ids = parse_env_ids(*b, env_ids), ready;
+            size_t k = min_count.has_value() ? *min_count : ids.size();
+            interruptible_wait(parse_timeout(timeout),
+                               [&](double s) { return b->wait_slots(ids.data(), ids.size(), value, k, s, &ready); });
+            return id_array(ready);
+          }, py::arg("env_ids"), py::arg("value"), py::arg("min_count") = py::none(), py::arg("timeout") = py::none(),
+          "Block (GIL released) until at least min_count (default: all) of the listed slots hold value; "
+          "returns those that hold it, oldest state change first (fewer than min_count on timeout)")
       .def("wait_all", [](const std::shared_ptr<ShmBatch>& b, uint32_t value, std::optional<double> timeout) {
             std::vector<size_t> ready;
             size_t n = b->num_envs();

@@ -33,11 +33,12 @@ static void test_layout() {
   Header h;
   size_t size = make_layout(3, {{"image", 'B', {5, 7, 3}}, {"reward", 'f', {}}, {"proprio", 'd', {9}}}, &h);
   assert(size % kAlign == 0 && size == h.total_size);
-  assert(h.epoch_offset % kAlign == 0 && h.states_offset >= h.epoch_offset + sizeof(uint32_t));
+  assert(h.sync_offset % kAlign == 0 && h.states_offset >= h.sync_offset + sizeof(EpochBlock));
+  assert(h.stamps_offset % kAlign == 0 && h.stamps_offset >= h.states_offset + 3 * sizeof(uint32_t));
   for (size_t i = 0; i < h.num_fields; ++i) assert(h.fields[i].offset % kAlign == 0);
   assert(h.fields[0].bytes_per_env == 5 * 7 * 3 && h.fields[1].bytes_per_env == 4 && h.fields[2].bytes_per_env == 72);
   assert(h.fields[1].offset >= h.fields[0].offset + 3 * 105);
-  assert(h.fields[0].offset >= h.states_offset + 3 * sizeof(uint32_t));
+  assert(h.fields[0].offset >= h.stamps_offset + 3 * sizeof(uint32_t));
   validate_layout(h, size, "t");
   assert(throws([&] { validate_layout(h, size - 1, "t"); }));  // truncated region
   assert(throws([&] { make_layout(0, {{"x", 'f', {}}}, &h); }));

@@ -243,6 +243,112 @@ def test_unlink_on_close_and_views_outlive_it():
     assert SharedBatch.remove(name2) is False
 
 
+def _ready_reference(batch, ids, value):
+    """The readable path beside wait_slots: scan the listed slots, oldest state change first
+    (ages against the current stamp counter, ties by id)."""
+    states, stamps = batch.states(), batch.stamps().astype(np.int64)
+    ready = [i for i in ids if states[i] == value]
+    newest = max(stamps) if len(stamps) else 0
+    return sorted(ready, key=lambda i: (-(newest - stamps[i]), i))
+
+
+def _child_by_descriptor(conn, env):
+    from multiprocessing.reduction import recv_handle
+    from vlarl_fast._C import SharedBatch
+    fd = recv_handle(conn)
+    b = SharedBatch.attach_fd(fd)
+    os.close(fd)                                     # the batch keeps its own descriptor
+    b.array("reward")[env] = 10.0 + env
+    b.set_state(env, READY)
+    assert b.wait(env, CONSUMED, timeout=60)
+    b.set_state(env, READY)
+
+
+@needs_ext
+def test_set_states_and_wait_slots_match_their_readable_paths():
+    from vlarl_fast._C import SharedBatch
+    rng = np.random.default_rng(0)
+    with SharedBatch.create(None, 9, {"x": ("float32", ())}) as fast, \
+            SharedBatch.create(None, 9, {"x": ("float32", ())}) as slow:
+        for _ in range(30):
+            ids = rng.permutation(9)[: rng.integers(0, 10)]
+            value = int(rng.integers(0, 3))
+            fast.set_states(ids, value)                 # one call
+            for i in ids:                               # the readable path: one slot at a time
+                slow.set_state(int(i), value)
+            np.testing.assert_array_equal(fast.states(), slow.states())
+            np.testing.assert_array_equal(fast.stamps(), slow.stamps())
+            subset = rng.permutation(9)[: rng.integers(1, 10)].tolist()
+            want = int(rng.integers(0, 3))
+            got = fast.wait_slots(subset, want, min_count=0)
+            assert got.dtype == np.int64 and got.tolist() == _ready_reference(fast, subset, want)
+        fast.set_states(range(9), FREE)
+        fast.set_states([4, 1, 7], READY)               # finish order 4, 1, 7 ...
+        fast.set_state(1, FREE)
+        fast.set_state(1, READY)                        # ... 1 again: now the newest
+        assert fast.wait_slots(range(9), READY, min_count=3, timeout=0).tolist()[:3] == [4, 7, 1]
+        assert fast.wait_slots(np.array([7, 1], np.uint8), READY).tolist() == [7, 1]
+        assert fast.wait_slots([0, 2], READY, min_count=1, timeout=0.02).tolist() == []  # timed out
+        before = fast.states()
+        with pytest.raises(IndexError, match="env 9 out of range"):
+            fast.set_states([0, 9], CONSUMED)
+        np.testing.assert_array_equal(fast.states(), before)   # checked before anything changed
+        with pytest.raises(TypeError, match="env_ids must be integers"):
+            fast.wait_slots([0.5], READY)
+        with pytest.raises(ValueError, match="1-D"):
+            fast.set_states([[0, 1]], READY)
+
+
+@needs_ext
+def test_wait_slots_wakes_on_the_last_of_a_set_and_releases_the_gil():
+    from vlarl_fast._C import SharedBatch
+    with SharedBatch.create(_name(), 6, {"x": ("float32", ())}) as b:
+        def publish():   # runs only while the main thread waits without the GIL
+            for i in (5, 0, 3):
+                time.sleep(0.02)
+                b.set_state(i, READY)
+        t = threading.Thread(target=publish)
+        t.start()
+        assert b.wait_slots([0, 3, 5], READY, timeout=30).tolist() == [5, 0, 3]
+        t.join()
+        # a worker's round trip: publish, then wait for the next command
+        t = threading.Thread(target=lambda: (time.sleep(0.05), b.set_state(2, CONSUMED)))
+        t.start()
+        assert b.publish_and_wait(2, READY, CONSUMED, timeout=30) and b.state(2) == CONSUMED
+        t.join()
+
+
+@needs_ext
+def test_unlinked_batch_still_reaches_processes_through_its_descriptor():
+    from multiprocessing.reduction import send_handle
+    from vlarl_fast._C import SharedBatch
+    name = _name()
+    b = SharedBatch.create(name, 2, {"reward": ("float32", ())})
+    b.unlink()                                      # before any other process has it
+    assert not _shm_exists(name) and not b.owner and not b.closed
+    with pytest.raises(RuntimeError, match="no shared batch"):
+        SharedBatch.attach(name)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_child_by_descriptor, args=(child, 1))
+    p.start()
+    try:
+        send_handle(parent, b.fileno(), p.pid)
+        assert b.wait(1, READY, timeout=120)
+        assert b.array("reward")[1] == 11.0
+        assert b.compare_exchange(1, READY, CONSUMED)
+        assert b.wait_slots([1], READY, timeout=60).tolist() == [1]
+    finally:
+        p.join(30)
+    assert p.exitcode == 0
+    b.unlink()                                      # idempotent
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.fileno()
+    with pytest.raises(RuntimeError, match="not open"):
+        SharedBatch.attach_fd(10_000)
+
+
 @needs_ext
 def test_build_info():
     from vlarl_fast._ext import build_info
@@ -270,30 +376,35 @@ def _cxx():
     return None
 
 
+CXX_TESTS = ["test_shm_batch", "test_slot_sync"]
+
+
 def _run_cxx_test(exe):
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all passed" in out.stdout
 
 
 @pytest.mark.skipif(_cxx() is None, reason="no C++ compiler")
 @pytest.mark.skipif(not (CSRC / "test_shm_batch.cpp").exists(), reason="C++ sources not next to the tests")
-def test_cpp_unit_test_with_system_compiler(tmp_path):
-    exe = tmp_path / "test_shm_batch"
+@pytest.mark.parametrize("test_name", CXX_TESTS)
+def test_cpp_unit_test_with_system_compiler(tmp_path, test_name):
+    exe = tmp_path / test_name
     libs = ["-lrt"] if sys.platform.startswith("linux") else []
-    subprocess.run([_cxx(), "-std=c++17", "-O1", "-Wall", "-UNDEBUG", f"-I{CSRC}", str(CSRC / "test_shm_batch.cpp"),
+    subprocess.run([_cxx(), "-std=c++17", "-O1", "-Wall", "-UNDEBUG", f"-I{CSRC}", str(CSRC / f"{test_name}.cpp"),
                     "-o", str(exe), "-pthread", *libs], check=True, timeout=300)
     _run_cxx_test(exe)
 
 
 @pytest.mark.skipif(_cxx() is None or shutil.which("cmake") is None, reason="no C++ compiler or cmake")
 @pytest.mark.skipif(not (CSRC / "test_shm_batch.cpp").exists(), reason="C++ sources not next to the tests")
-def test_cpp_unit_test_cmake_target(tmp_path):
-    """The optional CMake target (-DVLARL_BUILD_TESTS=ON), configured without Python or pybind11."""
+def test_cpp_unit_tests_cmake_targets(tmp_path):
+    """The optional CMake targets (-DVLARL_BUILD_TESTS=ON), configured without Python or pybind11."""
     build = tmp_path / "build"
     subprocess.run(["cmake", "-S", str(CSRC.parent), "-B", str(build), "-DVLARL_BUILD_TESTS=ON",
                     "-DVLARL_BUILD_EXTENSION=OFF", "-DCMAKE_BUILD_TYPE=Release"],
                    check=True, capture_output=True, timeout=300)
-    subprocess.run(["cmake", "--build", str(build), "--target", "test_shm_batch"], check=True, capture_output=True,
-                   timeout=300)
-    _run_cxx_test(next(p for p in build.rglob("test_shm_batch") if p.is_file() and os.access(p, os.X_OK)))
+    subprocess.run(["cmake", "--build", str(build), "--target", *CXX_TESTS], check=True, capture_output=True,
+                   timeout=600)
+    for name in CXX_TESTS:
+        _run_cxx_test(next(p for p in build.rglob(name) if p.is_file() and os.access(p, os.X_OK)))
