@@ -99,7 +99,7 @@ def test_env_steps_per_second(benchmark, size, num_envs):
                 v.send(acts[: len(ids)], ids)
 
         asyn = _rate(async_round, num_envs, steps)
-        while v._in_flight:
+        while len(v.in_flight):
             v.recv()
     g = _gym_async(_fns(num_envs, size))
     try:

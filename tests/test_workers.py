@@ -148,6 +148,25 @@ def test_send_recv_returns_first_finished_and_keeps_the_rest():
             v.recv()
 
 
+def test_recv_takes_the_earliest_finished_and_reports_a_restart_later(tmp_path):
+    # env 0 fails after 0.3 s, env 1 finishes at once: both are done when recv(1) looks, and the
+    # earlier one (env 1, though its id is larger) comes first; env 0's restart comes with the next recv
+    marker = str(tmp_path / "raised")
+    fns = [lambda: SlowEnv(RaiseOnStep(make_env(TASKS[0], image_size=16, seed=0), 1, marker), 0.3),
+           lambda: make_env(TASKS[1], image_size=16, seed=1)]
+    with VectorEnv(fns, backend="process") as v:
+        v.reset(seed=0)
+        v.send(np.zeros((2, 7), np.float32), [0, 1])
+        time.sleep(1.5)
+        with pytest.warns(RuntimeWarning, match="restarted"):
+            first = v.recv(batch_size=1)
+        assert list(first[4]["env_id"]) == [1] and not first[4]["worker_restarted"].any()
+        assert list(v.in_flight) == [0]
+        obs, rew, term, trunc, info = v.recv()
+        assert list(info["env_id"]) == [0] and info["worker_restarted"][0] and trunc[0] and rew[0] == 0
+        assert list(v.restarts) == [1, 0] and not len(v.in_flight)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def _broken_factory():

@@ -5,6 +5,12 @@ Same semantics as ``vector.VectorEnv`` (same-step auto-reset, ``info["final_obs"
 tests/test_workers.py. Observations, rewards and flags come back through a shared-memory batch
 (see workers.py); the manager only copies the rows it returns.
 
+Per step, the manager's work is a fixed number of calls whatever the number of envs: actions,
+flags and commands are written with numpy row assignments, ``SharedBatch.set_states`` starts every
+env in one call, ``SharedBatch.wait_slots`` sleeps (GIL released) until the envs it waits for have
+finished and is woken once, not per env, and results are gathered with numpy fancy indexing. Per-
+env Python runs only at episode ends, restarts and resets.
+
 Asynchronous use (EnvPool style): ``send(actions, env_ids)`` starts those envs and returns at
 once; ``recv()`` waits for the first ``batch_size`` envs in flight to finish (all of them when
 ``batch_size`` is None) and returns their results, with ``info["env_id"]`` saying which.
@@ -167,7 +173,8 @@ class ProcessVectorEnv(VectorEnvBase):
         self._seeds: list[int | None] = [None] * n
         self._restarts = np.zeros(n, dtype=np.int64)
         self._consecutive = np.zeros(n, dtype=np.int64)
-        self._in_flight: dict[int, float] = {}  # env id -> time it was started
+        self._busy = np.zeros(n, dtype=bool)  # in flight: started, result not yet returned
+        self._started = np.zeros(n, dtype=np.float64)  # time.monotonic() when each was started
         self._failed: dict[int, str] = {}  # env id -> why its worker was restarted (not yet reported)
         self._lost_stats: dict[int, tuple[float, int]] = {}
 
@@ -186,38 +193,53 @@ class ProcessVectorEnv(VectorEnvBase):
                 flags[W.F_HAS_OPTIONS] = 1
                 self._workers[i].conn.send(options)
         else:
-            # with reset_options the manager resets (it must call reset_options(i) at episode end)
             flags[W.F_AUTORESET] = self.autoreset and self.reset_options is None
-        self._in_flight[i] = time.monotonic()
+        self._started[i] = time.monotonic()
+        self._busy[i] = True
         self.batch.set_state(i, W.CMD)
+
+    def _start_steps(self, ids: np.ndarray) -> None:
+        """_start(i, STEP) for every id at once (actions already in place)."""
+        flags = self._a["flags"]
+        flags[ids] = 0
+        # with reset_options the manager resets (it must call reset_options(i) at episode end)
+        flags[ids, W.F_AUTORESET] = self.autoreset and self.reset_options is None
+        self._a["ctl"][ids, 0] = W.STEP
+        self._started[ids] = time.monotonic()
+        self._busy[ids] = True
+        self.batch.set_states(ids, W.CMD)
 
     def _wait(self, ids: Sequence[int], count: int) -> list[int]:
         """Wait until `count` of `ids` have finished (DONE, or restarted after a failure, which is
-        recorded in self._failed). Returns the finished ids; they stay in self._in_flight."""
-        want = set(int(i) for i in ids)
-        done: list[int] = [i for i in want if i in self._failed]
-        want.difference_update(done)
-        while True:
-            states = self.batch.states()
-            for i in list(want):
-                if states[i] == W.DONE:
-                    want.discard(i)
-                    if self._a["flags"][i, W.F_ERROR]:
-                        self._failed[i] = self._restart(i)
-                    else:
-                        self._consecutive[i] = 0
-                    done.append(i)
-            if len(done) >= count:
-                return done
-            self.batch.wait_any(W.DONE, min_count=int((states == W.DONE).sum()) + 1, timeout=_WAIT_SLICE_S)
-            now = time.monotonic()
-            for i in list(want):
-                w = self._workers[i]
-                late = self.step_timeout is not None and now - self._in_flight.get(i, now) > self.step_timeout
-                if self.batch.state(i) != W.DONE and (not w.proc.is_alive() or late):
-                    want.discard(i)
-                    self._failed[i] = self._restart(i, timed_out=late and w.proc.is_alive())
-                    done.append(i)
+        recorded in self._failed). Returns the finished ids, restarted ones first, then in the order
+        they finished (possibly more than `count`); they stay in flight until _finish."""
+        ids = np.asarray(ids, dtype=np.int64)
+        done: list[int] = [i for i in ids.tolist() if i in self._failed] if self._failed else []
+        pending = ids[~np.isin(ids, done)] if done else ids
+        while len(done) < count:
+            ready = self.batch.wait_slots(pending, W.DONE, min_count=count - len(done), timeout=_WAIT_SLICE_S)
+            if len(ready):
+                failed = self._a["flags"][ready, W.F_ERROR] != 0
+                self._consecutive[ready[~failed]] = 0
+                for i in ready[failed].tolist():
+                    self._failed[i] = self._restart(i)
+                done += ready.tolist()
+                pending = pending[~np.isin(pending, ready)]
+            if len(done) < count:
+                done += self._recover_lost(pending)
+                pending = pending[~np.isin(pending, done)]
+        return done
+
+    def _recover_lost(self, pending: np.ndarray) -> list[int]:
+        """Restart the workers of `pending` that died or overran step_timeout; returns their ids."""
+        now, lost = time.monotonic(), []
+        for i in pending.tolist():
+            w = self._workers[i]
+            late = self.step_timeout is not None and now - self._started[i] > self.step_timeout
+            if self.batch.state(i) != W.DONE and (not w.proc.is_alive() or late):
+                self._failed[i] = self._restart(i, timed_out=late and w.proc.is_alive())
+                lost.append(i)
+        return lost
 
     def _restart(self, i: int, timed_out: bool = False) -> str:
         """Replace worker i by a fresh one with the same factory; reset its env on its seed stream."""
@@ -246,9 +268,11 @@ class ProcessVectorEnv(VectorEnvBase):
         return why
 
     def _reset_now(self, i: int, seed, options) -> None:
+        # a restart resets an env that is still in flight: it stays so until its step is returned
+        in_flight = bool(self._busy[i])
         self._start(i, W.RESET, seed=seed, options=options)
         self._wait([i], 1)
-        self._in_flight.pop(i, None)
+        self._busy[i] = in_flight
         if self._failed.pop(i, None) is None:  # else a restart has reset it and read its info
             self._read_reset_info(i)
             self.batch.set_state(i, W.IDLE)
@@ -269,7 +293,7 @@ class ProcessVectorEnv(VectorEnvBase):
     def reset_env(self, i: int, seed: int | None = None, options: dict | None = None) -> dict:
         """Reset one env (e.g. to a chosen initial state); returns its first observation."""
         self._check_open()
-        if i in self._in_flight:
+        if self._busy[i]:
             raise RuntimeError(f"env {i} is still stepping: recv() its result before resetting it")
         if options is None and self.reset_options is not None:
             options = self.reset_options(i)
@@ -288,18 +312,22 @@ class ProcessVectorEnv(VectorEnvBase):
         return self._restarts.copy()
 
     @property
+    def in_flight(self) -> np.ndarray:
+        """Ids of the envs sent and not yet received."""
+        return np.flatnonzero(self._busy)
+
+    @property
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w is not None]
 
     # ---- gymnasium vector API ----------------------------------------------------------------
     def reset(self, *, seed: int | Sequence[int] | None = None, options: dict | None = None):
         self._check_open()
-        if self._in_flight:  # results nobody asked for any more
-            self._wait(list(self._in_flight), len(self._in_flight))
-            for i in self._in_flight:
-                if self.batch.state(i) == W.DONE:
-                    self.batch.set_state(i, W.IDLE)
-            self._in_flight.clear()
+        if self._busy.any():  # results nobody asked for any more
+            busy = self.in_flight
+            self._wait(busy, len(busy))
+            self.batch.set_states(busy[self.batch.states()[busy] == W.DONE], W.IDLE)
+            self._busy[:] = False
             self._failed.clear()
         n = self.num_envs
         if seed is None or isinstance(seed, (int, np.integer)):
@@ -317,8 +345,8 @@ class ProcessVectorEnv(VectorEnvBase):
                 self._seeds[i] = int(seeds[i])
             self._start(i, W.RESET, seed=seeds[i], options=opts)
         self._wait(range(n), n)
+        self._busy[:] = False
         for i in range(n):
-            self._in_flight.pop(i, None)
             if self._failed.pop(i, None) is None:
                 self._read_reset_info(i)
                 self.batch.set_state(i, W.IDLE)
@@ -337,23 +365,21 @@ class ProcessVectorEnv(VectorEnvBase):
                              f"per env); got {actions.shape}")
         if not np.can_cast(actions.dtype, self.single_action_space.dtype, casting="same_kind"):
             raise TypeError(f"actions must be numbers castable to {self.single_action_space.dtype}; got {actions.dtype}")
-        if len(set(ids.tolist())) != len(ids) or (len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs)):
+        if len(np.unique(ids)) != len(ids) or (len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs)):
             raise ValueError(f"env_ids must be distinct ids in [0, {self.num_envs}); got {ids.tolist()}")
-        busy = [int(i) for i in ids if int(i) in self._in_flight]
-        if busy:
-            raise RuntimeError(f"envs {busy} are still stepping: recv() their results before sending them actions")
+        if self._busy[ids].any():
+            raise RuntimeError(f"envs {ids[self._busy[ids]].tolist()} are still stepping: recv() their results "
+                               "before sending them actions")
         return actions
 
     def _dispatch(self, actions, ids: np.ndarray) -> None:
         self._check_open()
         actions = self._check_actions(actions, ids)
-        self._a["action"][ids] = actions.astype(self.single_action_space.dtype, copy=False)
-        for i in ids:
-            self._start(int(i), W.STEP)
+        self._a["action"][ids] = actions  # same-kind cast checked above
+        self._start_steps(ids)
 
     def _collect(self, ids: np.ndarray, restarted: dict[int, str]):
         """Results of finished envs `ids` (each DONE or restarted), in the in-process layout."""
-        n = len(ids)
         a = self._a
         flags = a["flags"][ids]
         rewards = a["reward"][ids].astype(np.float32)
@@ -361,7 +387,7 @@ class ProcessVectorEnv(VectorEnvBase):
         truncated = flags[:, W.F_TRUNC].astype(bool)
         success = flags[:, W.F_SUCCESS].astype(bool)
         reset_in_worker = flags[:, W.F_RESET].astype(bool)
-        was_restarted = np.array([int(i) in restarted for i in ids], dtype=bool)
+        was_restarted = np.isin(ids, list(restarted)) if restarted else np.zeros(len(ids), dtype=bool)
         rewards[was_restarted] = 0.0
         terminated[was_restarted] = False
         success[was_restarted] = False
@@ -369,23 +395,22 @@ class ProcessVectorEnv(VectorEnvBase):
         final_task, final_init = [self._task_ids[i] for i in ids], self._init_states[ids].copy()
         done = terminated | truncated
         final_obs = self._obs_rows(ids, "final_") if done.any() else None
-        ep_ret = np.zeros(n, dtype=np.float32)
-        ep_len = np.zeros(n, dtype=np.int64)
-        for j, i in enumerate(ids):
-            i = int(i)
-            if was_restarted[j]:
-                # the restart has reset the env already; report the episode up to its last completed step
-                ep_ret[j], ep_len[j] = self._lost_stats.pop(i, (0.0, 0))
-                continue
-            self._ep_return[i] += float(a["reward"][i])
-            self._ep_len[i] += 1
-            if done[j]:
-                ep_ret[j], ep_len[j] = self._ep_return[i], self._ep_len[i]
-                if reset_in_worker[j]:
-                    self._read_reset_info(i)
-                elif self.autoreset:
-                    self._reset_now(i, None, self.reset_options(i) if self.reset_options is not None else None)
-            self.batch.set_state(i, W.IDLE)
+        ok_ids = ids[~was_restarted]
+        self._ep_return[ok_ids] += a["reward"][ok_ids]
+        self._ep_len[ok_ids] += 1
+        ended = done & ~was_restarted
+        ep_ret = np.where(ended, self._ep_return[ids], 0.0).astype(np.float32)
+        ep_len = np.where(ended, self._ep_len[ids], 0)
+        for j in np.flatnonzero(was_restarted):
+            # the restart has reset the env already; report the episode up to its last completed step
+            ep_ret[j], ep_len[j] = self._lost_stats.pop(int(ids[j]), (0.0, 0))
+        for j in np.flatnonzero(ended):  # once per episode, in env order as in-process
+            i = int(ids[j])
+            if reset_in_worker[j]:
+                self._read_reset_info(i)
+            elif self.autoreset:
+                self._reset_now(i, None, self.reset_options(i) if self.reset_options is not None else None)
+        self.batch.set_states(ok_ids, W.IDLE)
         if final_obs is not None and was_restarted.any():
             # a killed worker's last observation is gone: the final obs is the fresh episode's first
             for k in self._obs_keys:
@@ -402,11 +427,8 @@ class ProcessVectorEnv(VectorEnvBase):
         return obs, rewards, terminated, truncated, info
 
     def _finish(self, ids: np.ndarray):
-        restarted = {}
-        for i in ids:
-            self._in_flight.pop(int(i), None)
-            if int(i) in self._failed:
-                restarted[int(i)] = self._failed.pop(int(i))
+        self._busy[ids] = False
+        restarted = {i: self._failed.pop(i) for i in ids.tolist() if i in self._failed} if self._failed else {}
         return self._collect(ids, restarted)
 
     def _step_ids(self, actions, ids):
@@ -428,11 +450,12 @@ class ProcessVectorEnv(VectorEnvBase):
         batch_size, or every env in flight), ordered by env id; ``info["env_id"]`` names them.
         Envs that finished beyond `batch_size` stay finished for the next recv()."""
         self._check_open()
-        if not self._in_flight:
+        busy = self.in_flight
+        if not len(busy):
             raise RuntimeError("recv() called with no batch in flight: call send(actions, env_ids) first")
-        k = min(batch_size or self.batch_size or len(self._in_flight), len(self._in_flight))
-        done = self._wait(list(self._in_flight), k)
-        return self._finish(np.asarray(sorted(done[:k]), dtype=np.int64))
+        k = min(batch_size or self.batch_size or len(busy), len(busy))
+        done = self._wait(busy, k)
+        return self._finish(np.sort(np.asarray(done[:k], dtype=np.int64)))
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

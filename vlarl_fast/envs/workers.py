@@ -7,8 +7,9 @@ written in place there, and the slot's state word says whose turn it is:
     IDLE --manager writes action/command, sets CMD--> CMD --worker runs it, writes results--> DONE
     DONE --manager reads the results--> IDLE
 
-Waiting happens in C++ on futexes with the GIL released. Rare, variable-size messages (the
-spaces at start-up, reset options, an exception's traceback) go through a pipe per worker.
+Waiting happens in C++ on futexes with the GIL released; a worker publishes its result and waits
+for its next command in one call. Rare, variable-size messages (the spaces at start-up, reset
+options, an exception's traceback) go through a pipe per worker.
 
 A worker ignores SIGINT (Ctrl-C is the manager's to handle; it then closes the workers) and asks
 the kernel to kill it when its parent dies, so an interrupted or killed manager leaves nothing.
@@ -61,8 +62,9 @@ class _Slot:
 
     def __init__(self, batch, index: int, obs_keys: list[str]):
         self.batch, self.i = batch, index
-        self.obs = {k: batch.slot(k, index) for k in obs_keys}
-        self.final = {k: batch.slot("final_" + k, index) for k in obs_keys}
+        # (key, view) pairs built once: the per-step path allocates no dicts of views
+        self.obs = [(k, batch.slot(k, index)) for k in obs_keys]
+        self.final = [(k, batch.slot("final_" + k, index)) for k in obs_keys]
         self.action = batch.slot("action", index)
         self.reward = batch.slot("reward", index)
         self.flags = batch.slot("flags", index)
@@ -70,8 +72,8 @@ class _Slot:
         self.init_state = batch.slot("init_state", index)
         self.text = batch.slot("text", index)
 
-    def write_obs(self, obs: dict, dest: dict) -> None:
-        for k, view in dest.items():
+    def write_obs(self, obs: dict, dest: list) -> None:
+        for k, view in dest:
             v = np.asarray(obs[k])
             if v.shape != view.shape:
                 raise ValueError(f"observation {k!r} has shape {v.shape} but its shared-memory slot holds "
@@ -108,10 +110,12 @@ def worker_main(index: int, fn_bytes: bytes, conn, env_vars: dict) -> None:
     batch = SharedBatch.attach(msg[1])
     slot = _Slot(batch, index, list(env.observation_space.spaces))
     try:
+        has_cmd = batch.wait(index, CMD, timeout=PARENT_CHECK_S)
         while True:
-            if not batch.wait(index, CMD, timeout=PARENT_CHECK_S):
+            if not has_cmd:
                 if os.getppid() != parent:
                     return
+                has_cmd = batch.wait(index, CMD, timeout=PARENT_CHECK_S)
                 continue
             cmd = int(slot.ctl[0])
             if cmd == CLOSE:
@@ -125,7 +129,7 @@ def worker_main(index: int, fn_bytes: bytes, conn, env_vars: dict) -> None:
                 slot.flags[F_ERROR] = 1
                 batch.set_state(index, DONE)
                 return
-            batch.set_state(index, DONE)
+            has_cmd = batch.publish_and_wait(index, DONE, CMD, timeout=PARENT_CHECK_S)
     finally:
         try:
             env.close()
@@ -147,6 +151,8 @@ def _run(env, slot: _Slot, cmd: int, conn) -> None:
         raise RuntimeError(f"unknown worker command {cmd}")
     autoreset = bool(flags[F_AUTORESET])
     flags[:] = 0
+    # the shared action itself, not a copy: the manager writes the next one only after this
+    # step's result is published (tabletop and gymnasium envs copy or clip what they keep)
     obs, r, term, trunc, info = env.step(slot.action)
     slot.reward[...] = r
     flags[F_TERM], flags[F_TRUNC], flags[F_SUCCESS] = bool(term), bool(trunc), bool(info.get("success", False))
