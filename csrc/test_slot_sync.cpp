@@ -32,7 +32,9 @@ static std::string batch_name(const char* what) {
 }
 
 static std::shared_ptr<ShmBatch> make(const char* what, size_t n) {
-  return ShmBatch::create(batch_name(what), n, {{"x", 'f', {}}});
+  auto b = ShmBatch::create(batch_name(what), n, {{"x", 'f', {}}});
+  b->unlink();  // threads share the mapping; a failed assert then leaves nothing in /dev/shm
+  return b;
 }
 
 template <class F>

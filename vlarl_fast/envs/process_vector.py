@@ -3,7 +3,9 @@
 Same semantics as ``vector.VectorEnv`` (same-step auto-reset, ``info["final_obs"]``,
 ``reset_options``, ``reset_env``, ``observations``), checked step by step against it in
 tests/test_workers.py. Observations, rewards and flags come back through a shared-memory batch
-(see workers.py); the manager only copies the rows it returns.
+(see workers.py); the manager only copies the rows it returns. The batch's name is unlinked as
+soon as it exists: workers get it through a file descriptor, so nothing is left in /dev/shm even
+if the manager is killed.
 
 Per step, the manager's work is a fixed number of calls whatever the number of envs: actions,
 flags and commands are written with numpy row assignments, ``SharedBatch.set_states`` starts every
@@ -94,6 +96,9 @@ class _Worker:
             return f"worker killed by signal {-code}"
         return f"worker exited with code {code}" if code is not None else "worker timed out"
 
+    def send_batch(self, batch) -> None:
+        W.send_batch(self.conn, batch, self.proc.pid)
+
     def stop(self, timeout: float = 2.0) -> None:
         self.proc.join(timeout)
         if self.proc.is_alive():
@@ -154,10 +159,12 @@ class ProcessVectorEnv(VectorEnvBase):
                     raise ValueError(f"env {i} has spaces ({o}, {a}) but env 0 has {spaces[0]}; "
                                      "all envs of one VectorEnv must share their spaces")
             self.batch = C.SharedBatch.create(None, n, _batch_fields(*spaces[0], n))
+            # from here on no crash can leave the name behind; workers attach through the descriptor
+            self.batch.unlink()
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._workers, self.batch)
             for w in self._workers:
-                w.conn.send(("batch", self.batch.name))
+                w.send_batch(self.batch)
         except BaseException:
             self.close()
             raise
@@ -261,7 +268,7 @@ class ProcessVectorEnv(VectorEnvBase):
         w = _Worker(self._ctx, i, self._fn_bytes[i], self._worker_env[i])
         self._workers[i] = w
         w.handshake(self.start_timeout)
-        w.conn.send(("batch", self.batch.name))
+        w.send_batch(self.batch)
         seed = self._seeds[i]
         seed = None if seed is None else seed + RESTART_SEED_STRIDE * int(self._restarts[i])
         self._reset_now(i, seed, self.reset_options(i) if self.reset_options is not None else None)

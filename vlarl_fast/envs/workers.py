@@ -9,7 +9,9 @@ written in place there, and the slot's state word says whose turn it is:
 
 Waiting happens in C++ on futexes with the GIL released; a worker publishes its result and waits
 for its next command in one call. Rare, variable-size messages (the spaces at start-up, reset
-options, an exception's traceback) go through a pipe per worker.
+options, an exception's traceback) go through a pipe per worker; the batch itself comes as a file
+descriptor over that pipe (a Unix socket), so its name can be unlinked before any worker attaches
+and no crash leaves an entry in /dev/shm.
 
 A worker ignores SIGINT (Ctrl-C is the manager's to handle; it then closes the workers) and asks
 the kernel to kill it when its parent dies, so an interrupted or killed manager leaves nothing.
@@ -57,6 +59,24 @@ def decode(buf: np.ndarray) -> str:
     return bytes(buf).split(b"\0", 1)[0].decode("utf-8", errors="replace")
 
 
+def send_batch(conn, batch, pid: int) -> None:
+    """Manager side: hand a worker the batch through its descriptor (works after the name is gone)."""
+    from multiprocessing.reduction import send_handle
+    conn.send(("batch",))
+    send_handle(conn, batch.fileno(), pid)
+
+
+def _receive_batch(conn):
+    from multiprocessing.reduction import recv_handle
+
+    from vlarl_fast._C import SharedBatch
+    fd = recv_handle(conn)
+    try:
+        return SharedBatch.attach_fd(fd)  # keeps its own descriptor
+    finally:
+        os.close(fd)
+
+
 class _Slot:
     """One env's views of the shared batch (no copies: writes land in shared memory)."""
 
@@ -102,12 +122,10 @@ def worker_main(index: int, fn_bytes: bytes, conn, env_vars: dict) -> None:
     except BaseException:
         conn.send(("error", f"env factory {index} failed to build the env:\n{traceback.format_exc()}"))
         return
-    msg = conn.recv()
-    if msg[0] != "batch":
+    if conn.recv()[0] != "batch":
         env.close()
         return
-    from vlarl_fast._C import SharedBatch
-    batch = SharedBatch.attach(msg[1])
+    batch = _receive_batch(conn)
     slot = _Slot(batch, index, list(env.observation_space.spaces))
     try:
         has_cmd = batch.wait(index, CMD, timeout=PARENT_CHECK_S)
