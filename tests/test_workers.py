@@ -66,9 +66,12 @@ def _compare(pv, iv, steps, seed):
 
 # --- alignment and determinism ----------------------------------------------------------------
 
-def test_alignment_with_inprocess_through_autoresets():
+@pytest.mark.parametrize("dispatch", ["batched", "one_by_one"])
+def test_alignment_with_inprocess_through_autoresets(dispatch):
     fns = _fns(3, max_episode_steps=12)
     with VectorEnv(fns, backend="process") as pv, VectorEnv(fns) as iv:
+        if dispatch == "one_by_one":  # the readable dispatch path beside the batched one
+            pv._start_steps = pv._start_steps_one_by_one
         assert pv.single_action_space == iv.single_action_space
         assert pv.single_observation_space == iv.single_observation_space
         assert _compare(pv, iv, 40, seed=5) >= 6  # several auto-resets happened

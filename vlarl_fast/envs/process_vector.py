@@ -205,6 +205,11 @@ class ProcessVectorEnv(VectorEnvBase):
         self._busy[i] = True
         self.batch.set_state(i, W.CMD)
 
+    def _start_steps_one_by_one(self, ids: np.ndarray) -> None:
+        """The readable twin of _start_steps (tests/test_workers.py runs both against in-process)."""
+        for i in ids:
+            self._start(int(i), W.STEP)
+
     def _start_steps(self, ids: np.ndarray) -> None:
         """_start(i, STEP) for every id at once (actions already in place)."""
         flags = self._a["flags"]
