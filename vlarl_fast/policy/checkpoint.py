@@ -1,5 +1,9 @@
 """Save and load a policy as a directory: config.json, model.safetensors, tokenizer files,
-dataset_statistics.json (OpenVLA's name and shape for the q01/q99 statistics)."""
+dataset_statistics.json (OpenVLA's name and shape for the q01/q99 statistics).
+
+OpenVLA checkpoint directories (config.json with model_type "openvla") go through
+``openvla.load_openvla`` / ``save_openvla`` instead, in OpenVLA's own layout, with a value head added
+for PPO (stored beside OpenVLA's tensors, never among them)."""
 from __future__ import annotations
 
 import json
@@ -21,14 +25,25 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATS = "dataset_statistics.json"
 PRESETS = ("tiny",)
+DEFAULT_VALUE_HIDDEN = 1024
 
 
 class CheckpointError(ValueError):
     pass
 
 
+def _is_openvla(model) -> bool:
+    from .openvla import OpenVLAModel  # late: openvla's loader imports this module's CheckpointError
+    return isinstance(model, OpenVLAModel)
+
+
 def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write atomically: a temp directory beside the target, then rename over it."""
+    if _is_openvla(policy.model):
+        from .openvla import save_openvla
+        stats = {policy.unnorm_key or "vlarl": policy.norm_stats} if policy.norm_stats is not None else None
+        return save_openvla(policy.model, policy.tokenizer, path, norm_stats=stats,
+                            image_processor=policy.model.image_processor, extra=extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -54,8 +69,18 @@ def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None =
     return path
 
 
-def load_policy(path: str | os.PathLike, device="cpu") -> VLAPolicy:
+def load_policy(path: str | os.PathLike, device="cpu", *, unnorm_key: str | None = None,
+                dtype: torch.dtype | None = None, value_hidden: int = DEFAULT_VALUE_HIDDEN) -> VLAPolicy:
+    """A vlarl-fast checkpoint, or an OpenVLA one (``unnorm_key`` picks its action statistics; ``dtype``, e.g.
+    torch.bfloat16 on a GPU, its weights' dtype; a fresh critic of width ``value_hidden`` when it has none)."""
+    from .openvla import is_openvla_checkpoint, load_openvla
     path = Path(path)
+    if is_openvla_checkpoint(path):
+        b = load_openvla(path, unnorm_key=unnorm_key, device=device, dtype=dtype, value_hidden=value_hidden)
+        return VLAPolicy(b.model, b.tokenizer, b.norm_stats, device=device, unnorm_key=b.unnorm_key)
+    if unnorm_key is not None:
+        raise CheckpointError(f"unnorm_key={unnorm_key!r} is for OpenVLA checkpoints; {path} is not one "
+                              "(vlarl-fast checkpoints hold one set of action statistics)")
     if not path.is_dir():
         raise CheckpointError(f"policy {str(path)!r} is neither a checkpoint directory nor a preset "
                               f"(presets: {', '.join(PRESETS)})")
@@ -84,11 +109,15 @@ def load_policy(path: str | os.PathLike, device="cpu") -> VLAPolicy:
 
 
 def make_policy(spec: str, *, instructions: list[str] | None = None, image_size: int = 64, seed: int = 0,
-                device="cpu", **overrides) -> VLAPolicy:
-    """A checkpoint directory, or the preset ``tiny`` (randomly initialised)."""
+                device="cpu", unnorm_key: str | None = None, **overrides) -> VLAPolicy:
+    """A checkpoint directory (vlarl-fast's or OpenVLA's; ``overrides`` size only the preset), or the preset
+    ``tiny`` (randomly initialised)."""
     if spec in PRESETS:
+        if unnorm_key is not None:
+            raise CheckpointError(f"unnorm_key={unnorm_key!r} needs an OpenVLA checkpoint; the preset {spec!r} has "
+                                  "no action statistics")
         torch.manual_seed(seed)
         config = VLAConfig(image_size=image_size, **overrides)
         tok = build_tokenizer(instructions or [], text_vocab_size=config.text_vocab_size)
         return VLAPolicy(TinyVLA(config).eval(), tok, None, device=device)
-    return load_policy(spec, device=device)
+    return load_policy(spec, device=device, unnorm_key=unnorm_key)

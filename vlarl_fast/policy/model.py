@@ -23,7 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
-from .action_tokenizer import ACTION_DIM, N_BINS
+from .action_tokenizer import N_BINS
+from .decode import action_hidden
+from .protocol import make_value_head
+from .text_tokenizer import prompt_text
 
 # ImageNet normalisation of [0, 1] pixels (what ResNet towers expect).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -112,14 +115,15 @@ class TinyVLA(nn.Module):
             tie_word_embeddings=False))
         self.state_proj = nn.Sequential(nn.Linear(config.state_dim, config.hidden_size), nn.GELU(),
                                         nn.Linear(config.hidden_size, config.hidden_size))
-        self.value_head = nn.Sequential(nn.Linear(config.hidden_size, config.value_hidden), nn.Tanh(),
-                                        nn.Linear(config.value_hidden, 1))
-        nn.init.zeros_(self.value_head[-1].weight)
-        nn.init.zeros_(self.value_head[-1].bias)
+        self.value_head = make_value_head(config.hidden_size, config.value_hidden)
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
-    # ---- pieces -------------------------------------------------------------------------
+    # ---- the VLA model API (protocol.VLAModel) ------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return self.lm.model
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.lm.lm_head.weight
@@ -127,6 +131,21 @@ class TinyVLA(nn.Module):
     @property
     def vocab_start(self) -> int:
         return self.config.vocab_size - N_BINS
+
+    @property
+    def vocab_end(self) -> int:
+        return self.config.vocab_size
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.model.embed_tokens(ids)
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower normalises uint8 pixels itself (``encode_images``), so rollout buffers store raw images."""
+        return images
+
+    def prompt_ids(self, tokenizer, instruction: str) -> list[int]:
+        """The prompt text only: <s>, image and proprio tokens are embedded in front by ``prompt_embeds``."""
+        return tokenizer(prompt_text(instruction, self.config.prompt_style), add_special_tokens=False)["input_ids"]
 
     @staticmethod
     def _spatial_softmax(fmap: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -212,14 +231,7 @@ class TinyVLA(nn.Module):
         """Hidden states that predict each of the 7 action tokens, and the value.
 
         Returns (hidden [B, 7, D], values [B])."""
-        embeds, mask, pos = self.prompt_embeds(vision_feats, states, text_ids, text_mask)
-        B, S, _ = embeds.shape
-        act_in = self.lm.model.embed_tokens(action_tokens[:, : ACTION_DIM - 1])
-        embeds = torch.cat([embeds, act_in], 1)
-        mask = torch.cat([mask, torch.ones(B, ACTION_DIM - 1, dtype=mask.dtype, device=mask.device)], 1)
-        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]], 1)
-        out = self.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-        h = out.last_hidden_state[:, S - 1:]
+        h = action_hidden(self, *self.prompt_embeds(vision_feats, states, text_ids, text_mask), action_tokens)
         return h, self.value_from_hidden(h[:, 0])
 
 

@@ -2,8 +2,11 @@
 
 ``act`` is the rollout path: one batched prefill of every environment's prompt, a KV cache,
 then exactly 7 decode steps constrained to the 256 action ids, sampled with temperature (or
-greedy). It returns the tokens, their per-token log-probs from that same pass (these are the
-PPO "old" log-probs, never recomputed), and the value.
+greedy) (``decode.decode_actions``). It returns the tokens, their per-token log-probs from that
+same pass (these are the PPO "old" log-probs, never recomputed), and the value.
+
+The model is anything that implements ``protocol.VLAModel`` (the built-in ``TinyVLA``, OpenVLA);
+nothing here reads a model's own module names.
 """
 from __future__ import annotations
 
@@ -11,12 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from ..kernels import action_logprobs
-from .action_tokenizer import ACTION_DIM, ActionTokenizer, NormStats
-from .model import TinyVLA, VLAConfig
-from .text_tokenizer import prompt_text
+from .action_tokenizer import ActionTokenizer, NormStats
+from .decode import IMPLS, action_hidden, action_logprobs_of, decode_actions
+from .protocol import check_model, left_pad
 
 
 @dataclass
@@ -29,34 +30,37 @@ class ActOutput:
 
 
 class VLAPolicy:
-    def __init__(self, model: TinyVLA, tokenizer, norm_stats: NormStats | None, device="cpu"):
+    def __init__(self, model, tokenizer, norm_stats: NormStats | None, device="cpu", *, decode_impl: str = "static",
+                 unnorm_key: str | None = None):
+        check_model(model)
+        if decode_impl not in IMPLS:
+            raise ValueError(f"unknown decoding implementation {decode_impl!r}; use one of {IMPLS}")
         self.model = model.to(device)
         self.tokenizer = tokenizer
         self.norm_stats = norm_stats
+        self.unnorm_key = unnorm_key  # the dataset norm_stats came from (OpenVLA); saved under that name
         self.device = torch.device(device)
-        self.action_tokenizer = ActionTokenizer(model.config.vocab_size)
+        self.decode_impl = decode_impl  # decode.decode_actions: "static" | "dynamic" (reference)
+        # the bins count back from the end of the action slice (OpenVLA: 32000, below the padded LM head)
+        self.action_tokenizer = ActionTokenizer(model.vocab_end)
         self._prompt_cache: dict[str, list[int]] = {}
 
     @property
-    def config(self) -> VLAConfig:
+    def config(self):
         return self.model.config
 
     # ---- inputs ----------------------------------------------------------------------------
     def encode_prompts(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask [B, L] (text only; <s> and image go in front)."""
+        """Left-padded prompt ids and mask [B, L] in the model's wording (``model.prompt_ids``)."""
         rows = []
         for ins in instructions:
             ids = self._prompt_cache.get(ins)
             if ids is None:
-                ids = self.tokenizer(prompt_text(ins, self.config.prompt_style), add_special_tokens=False)["input_ids"]
-                self._prompt_cache[ins] = ids
+                ids = self._prompt_cache[ins] = list(self.model.prompt_ids(self.tokenizer, ins))
             rows.append(ids)
-        L = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, L - len(r):] = torch.tensor(r)
-            mask[i, L - len(r):] = 1
+        if not rows:
+            raise ValueError("no instructions: give one per observation")
+        ids, mask = left_pad(rows, pad_id=self.tokenizer.pad_token_id or 0)
         return ids.to(self.device), mask.to(self.device)
 
     def to_tensor_obs(self, images: np.ndarray, states: np.ndarray | None):
@@ -66,66 +70,45 @@ class VLAPolicy:
             raise ValueError("non-finite values in the proprio state batch")
         return imgs, st
 
+    def encode_images(self, images) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> vision features (the model's own preprocessing first)."""
+        imgs, _ = self.to_tensor_obs(images, None)
+        return self.model.encode_images(self.model.preprocess_images(imgs))
+
+    def _prompt(self, images, states, instructions):
+        if len(instructions) != len(images):
+            raise ValueError(f"{len(images)} observations but {len(instructions)} instructions: give one each")
+        imgs, st = self.to_tensor_obs(images, states)
+        text_ids, text_mask = self.encode_prompts(list(instructions))
+        feats = self.model.encode_images(self.model.preprocess_images(imgs))
+        return feats, self.model.prompt_embeds(feats, st, text_ids, text_mask)
+
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
     def act(self, images, states, instructions, *, temperature: float = 1.0, greedy: bool = False,
             generator: torch.Generator | None = None) -> ActOutput:
-        m = self.model
-        imgs, st = self.to_tensor_obs(images, states)
-        text_ids, text_mask = self.encode_prompts(list(instructions))
-        feats = m.encode_images(imgs)
-        embeds, mask, pos = m.prompt_embeds(feats, st, text_ids, text_mask)
-        cache = DynamicCache(config=m.lm.config)
-        out = m.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True)
-        h = out.last_hidden_state[:, -1]
-        values = m.value_from_hidden(h)
-        W = m.lm_head_weight
-        vs = m.vocab_start
-        B = h.shape[0]
-        tokens = torch.empty(B, ACTION_DIM, dtype=torch.long, device=h.device)
-        logps = torch.empty(B, ACTION_DIM, dtype=torch.float32, device=h.device)
-        p = pos[:, -1:]
-        for k in range(ACTION_DIM):
-            logits = (h @ W[vs:].T).float()
-            if greedy:
-                local = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / temperature, -1)
-                local = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            tok = local + vs
-            tokens[:, k] = tok
-            logps[:, k] = action_logprobs(h, W, tok, temperature=temperature, vocab_start=vs)
-            if k == ACTION_DIM - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            p = p + 1
-            out = m.lm.model(inputs_embeds=m.lm.model.embed_tokens(tok)[:, None], attention_mask=mask,
-                             position_ids=p, past_key_values=out.past_key_values, use_cache=True)
-            h = out.last_hidden_state[:, -1]
-        norm = self.action_tokenizer.decode_torch(tokens)
+        feats, (embeds, mask, pos) = self._prompt(images, states, instructions)
+        out = decode_actions(self.model, embeds, mask, pos, temperature=temperature, greedy=greedy,
+                             generator=generator, impl=self.decode_impl)
+        values = self.model.value_from_hidden(out.prompt_hidden)
+        norm = self.action_tokenizer.decode_torch(out.tokens)
         actions = self.norm_stats.unnormalize(norm) if self.norm_stats is not None else norm
-        return ActOutput(tokens, logps, values.float(), actions.cpu().numpy().astype(np.float32), feats)
+        return ActOutput(out.tokens, out.logprobs, values.float(), actions.cpu().numpy().astype(np.float32), feats)
 
     @torch.no_grad()
     def value(self, images, states, instructions) -> torch.Tensor:
         """Value of observations (used to bootstrap at time-limit truncations)."""
-        m = self.model
-        imgs, st = self.to_tensor_obs(images, states)
-        text_ids, text_mask = self.encode_prompts(list(instructions))
-        embeds, mask, pos = m.prompt_embeds(m.encode_images(imgs), st, text_ids, text_mask)
-        h = m.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
-        return m.value_from_hidden(h).float()
+        _, (embeds, mask, pos) = self._prompt(images, states, instructions)
+        h = self.model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
+        return self.model.value_from_hidden(h).float()
 
     # ---- training forward ------------------------------------------------------------------
     def evaluate_actions(self, vision_feats, states, text_ids, text_mask, tokens, *, temperature=1.0):
         """Teacher-forced log-probs [B, 7], entropies [B, 7] and values [B] of given action tokens."""
-        h, values = self.model.forward_actions(vision_feats, states, text_ids, text_mask, tokens)
-        B = h.shape[0]
-        flat = h.reshape(B * ACTION_DIM, -1)
-        logp, ent = action_logprobs(flat, self.model.lm_head_weight, tokens.reshape(-1), temperature=temperature,
-                                    vocab_start=self.model.vocab_start, return_entropy=True)
-        return logp.view(B, ACTION_DIM), ent.view(B, ACTION_DIM), values
+        embeds, mask, pos = self.model.prompt_embeds(vision_feats, states, text_ids, text_mask)
+        h = action_hidden(self.model, embeds, mask, pos, tokens)
+        logp, ent = action_logprobs_of(self.model, h, tokens, temperature=temperature, return_entropy=True)
+        return logp, ent, self.model.value_from_hidden(h[:, 0])
 
     def tokens_from_actions(self, actions: np.ndarray) -> torch.Tensor:
         """Env-unit actions -> action token ids (normalise with q01/q99, then bin)."""

@@ -8,6 +8,7 @@ The directory is what ``openvla/openvla-7b`` (and its fine-tunes) ship:
     tokenizer.json / tokenizer.model  + tokenizer_config.json (Llama-2 tokenizer with <PAD> = 32000)
     dataset_statistics.json           {dataset: {"action": {q01, q99, mask, ...}, ...}}  (also in norm_stats)
     preprocessor_config.json          optional: per-tower sizes, means and stds
+    vlarl_value_head.safetensors      optional, vlarl-fast's own: the critic's weights (OpenVLA has none)
 
 The model is built with its parameters on the meta device, so a 7B checkpoint costs its weights' memory
 once, then every tensor is checked by name and shape (``names.py``) and assigned.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaTokenizer
 
@@ -38,6 +40,7 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 STATS = "dataset_statistics.json"
 PREPROCESSOR = "preprocessor_config.json"
+VALUE_HEAD_FILE = "vlarl_value_head.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 LAYOUT = ("config.json, model.safetensors.index.json + its shards (or model.safetensors), tokenizer files "
           "and dataset_statistics.json")
@@ -191,11 +194,33 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+def read_value_head(model: OpenVLAModel, path: Path, value_hidden: int | None, detach: bool | None) -> None:
+    """Attach the stored critic if the directory has one, else a fresh one when ``value_hidden`` asks for it."""
+    f = path / VALUE_HEAD_FILE
+    if f.is_file():
+        try:
+            with safe_open(str(f), framework="pt") as g:
+                stored_detach = (g.metadata() or {}).get("detach", "0") == "1"
+            head = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise OpenVLACheckpointError(f"{f} is not a readable safetensors file: {e}") from e
+        if "0.weight" not in head or head["0.weight"].shape[1] != model.config.llm_dim:
+            raise OpenVLACheckpointError(f"{f} does not hold a value head for a {model.config.llm_dim}-wide language "
+                                         "model: it comes from another model; delete it to start a fresh critic")
+        model.add_value_head(head["0.weight"].shape[0], detach=stored_detach if detach is None else detach)
+        model.value_head.load_state_dict({k: v.to(model.value_head[0].weight.device) for k, v in head.items()})
+    elif value_hidden is not None:
+        model.add_value_head(value_hidden, detach=bool(detach))
+
+
 def load_openvla(path: str | os.PathLike, *, unnorm_key: str | None = None, device="cpu",
-                 dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> OpenVLABundle:
+                 dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                 value_hidden: int | None = None, value_detach: bool | None = None) -> OpenVLABundle:
     """Load model, tokenizer, image processor and the ``unnorm_key`` action statistics.
 
-    ``dtype`` None keeps the stored dtype (OpenVLA ships bf16); buffers stay float32 either way."""
+    ``dtype`` None keeps the stored dtype (OpenVLA ships bf16); buffers stay float32 either way. A value head
+    stored beside the weights (``vlarl_value_head.safetensors``) is loaded; without one, ``value_hidden`` adds a
+    fresh zero-output head of that width (float32 on ``device``)."""
     path = Path(path)
     config = read_config(path)
     files = weight_files(path)
@@ -216,6 +241,8 @@ def load_openvla(path: str | os.PathLike, *, unnorm_key: str | None = None, devi
         raise OpenVLACheckpointError(str(e)) from e
     del tensors
     model.load_state_dict(state, strict=True, assign=True)
+    model.image_processor = processor
     model.to(device)
+    read_value_head(model, path, value_hidden, value_detach)
     model.eval()
     return OpenVLABundle(model, tokenizer, config, processor, stats, key, path)

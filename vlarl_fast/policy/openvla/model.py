@@ -3,6 +3,10 @@
 The module tree mirrors OpenVLA's ``OpenVLAForActionPrediction`` (``vision_backbone``, ``projector``,
 ``language_model``) so that its checkpoint maps on name by name (``names.py``); the forward is
 OpenVLA's multimodal forward: the projected patch tokens go right after the first (BOS) column.
+
+It also implements the policy's model API (``vlarl_fast.policy.protocol.VLAModel``): left-padded prompt
+embeddings, its image preprocessing, the action id range, and an optional value head (not part of
+OpenVLA; the loader and writer keep it out of OpenVLA's tensors).
 """
 from __future__ import annotations
 
@@ -10,8 +14,13 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..protocol import make_value_head
 from .config import OpenVLAConfig
+from .preprocess import ImageProcessor
+from .prompt import prompt_ids
 from .vision import FusedVisionBackbone
+
+VALUE_HEAD = "value_head"
 
 
 class FusedProjector(nn.Module):
@@ -46,8 +55,25 @@ class OpenVLAModel(nn.Module):
         self.vision_backbone = FusedVisionBackbone(config.towers)
         self.projector = FusedProjector(self.vision_backbone.embed_dim, config.llm_dim)
         self.language_model = LlamaForCausalLM(llama_config(config, attn_implementation))
+        self.image_processor = ImageProcessor.from_config(config)
+        self.register_module(VALUE_HEAD, None)
+        self.value_detach = False
 
-    # ---- pieces the policy uses ---------------------------------------------------------------
+    def add_value_head(self, value_hidden: int = 1024, *, detach: bool = False) -> nn.Sequential:
+        """A critic on the LM hidden state of the last prompt token (the column that predicts the first action
+        token), zero-initialised last layer. ``detach`` keeps critic gradients out of the shared backbone."""
+        if value_hidden < 1:
+            raise ValueError(f"value_hidden must be >= 1, got {value_hidden}")
+        ref = self.lm_head_weight
+        self.value_head = make_value_head(self.config.llm_dim, value_hidden).to(ref.device)
+        self.value_detach = detach
+        return self.value_head
+
+    # ---- the VLA model API (protocol.VLAModel) --------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return self.language_model.model
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.language_model.lm_head.weight
@@ -60,6 +86,52 @@ class OpenVLAModel(nn.Module):
     def vocab_start(self) -> int:
         """First action id; the action slice is ``[vocab_start, action_vocab_size)`` of the LM head."""
         return self.config.action_vocab_size - self.config.n_action_bins
+
+    @property
+    def vocab_end(self) -> int:
+        return self.config.action_vocab_size
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(ids)
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> [B, 6, S, S] in the towers' dtype, as OpenVLA's processor makes them."""
+        return self.image_processor(images, device=self.lm_head_weight.device, dtype=self.lm_head_weight.dtype)
+
+    def prompt_ids(self, tokenizer, instruction: str) -> list[int]:
+        return prompt_ids(tokenizer, instruction)
+
+    def prompt_embeds(self, vision_feats: torch.Tensor, states: torch.Tensor | None, text_ids: torch.Tensor,
+                      text_mask: torch.Tensor):
+        """Left-padded [pad..., BOS, prompt..., '▁'] ids -> left-padded [pad..., BOS, patches, prompt..., '▁']
+        embeddings, mask and positions. OpenVLA has no proprio input: ``states`` is ignored."""
+        B, L = text_ids.shape
+        if vision_feats.shape[0] != B:
+            raise ValueError(f"{vision_feats.shape[0]} images for {B} prompts: OpenVLA takes one image per prompt")
+        patches = self.project_images(vision_feats)
+        text = self.embed_tokens(text_ids)
+        P = patches.shape[1]
+        seq = torch.cat([text, patches.to(text.dtype)], 1)  # text columns 0..L-1, patches L..L+P-1
+        n_pad = (text_mask == 0).sum(1, keepdim=True)
+        idx = torch.arange(L + P, device=text.device)[None].expand(B, L + P)
+        # output column j: pads and BOS keep their text column, then the patches, then the prompt moved right by P
+        src = torch.where(idx <= n_pad, idx, torch.where(idx <= n_pad + P, L + idx - n_pad - 1, idx - P))
+        seq = seq.gather(1, src[..., None].expand(B, L + P, seq.shape[-1]))
+        mask = (idx >= n_pad).to(text_mask.dtype)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        return seq, mask, pos
+
+    def value_from_hidden(self, h_last: torch.Tensor) -> torch.Tensor:
+        if self.value_head is None:
+            raise ValueError("this OpenVLA model has no value head: call model.add_value_head() (load_policy and "
+                             "make_policy add one) before asking for values")
+        if self.value_detach:
+            h_last = h_last.detach()
+        return self.value_head(h_last.to(self.value_head[0].weight.dtype)).float().squeeze(-1)
+
+    def openvla_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors OpenVLA's checkpoint holds: everything but the value head."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(VALUE_HEAD + ".")}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Preprocessed [B, 6, H, W] -> fused patch features [B, patches, vision_dim] (cacheable when frozen)."""

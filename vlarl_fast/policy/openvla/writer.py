@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..action_tokenizer import NormStats
-from .loader import CONFIG, PREPROCESSOR, STATS, WEIGHTS, WEIGHTS_INDEX
+from .loader import CONFIG, PREPROCESSOR, STATS, VALUE_HEAD_FILE, WEIGHTS, WEIGHTS_INDEX
 from .model import OpenVLAModel
 from .names import to_openvla
 from .preprocess import ImageProcessor
@@ -45,15 +45,18 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
 
 def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
                  norm_stats: Mapping[str, NormStats | dict] | None = None, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int = 5 * 1024**3, image_processor: ImageProcessor | None = None) -> Path:
+                 max_shard_bytes: int = 5 * 1024**3, image_processor: ImageProcessor | None = None,
+                 extra: dict | None = None) -> Path:
     """Write config.json, safetensors shards (+ index when more than one), tokenizer files,
     dataset_statistics.json (``{dataset: {"action": ...}}``, also copied into config.json's norm_stats as
-    OpenVLA does) and preprocessor_config.json."""
+    OpenVLA does) and preprocessor_config.json. A value head, if the model has one, goes to its own file
+    (``vlarl_value_head.safetensors``) that OpenVLA's code never reads; ``extra`` (training stage, step...)
+    goes under config.json's ``vlarl_extra`` key, which OpenVLA's config ignores."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
     stats = {k: stats_entry(v) for k, v in (norm_stats or {}).items()} or config.norm_stats
-    tensors = to_openvla(model.state_dict(), config)
+    tensors = to_openvla(model.openvla_state_dict(), config)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
 
@@ -61,6 +64,8 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
     try:
         cfg = config.to_dict()
         cfg["norm_stats"] = stats
+        if extra:
+            cfg["vlarl_extra"] = extra
         if dtype is not None:
             cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
@@ -80,7 +85,10 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
         tokenizer.save_pretrained(str(tmp))
         if stats:
             (tmp / STATS).write_text(json.dumps(stats, indent=2))
-        processor = image_processor or ImageProcessor.from_config(config)
+        if model.value_head is not None:
+            head = {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
+            save_file(head, str(tmp / VALUE_HEAD_FILE), metadata={"detach": str(int(model.value_detach))})
+        processor = image_processor or model.image_processor
         (tmp / PREPROCESSOR).write_text(json.dumps(processor.to_preprocessor_config(), indent=2))
         old = None
         if path.exists():

@@ -1,0 +1,112 @@
+"""Batched action decoding over any ``protocol.VLAModel``, and the teacher-forced forward it must agree with.
+
+``decode_actions``: one prefill of every left-padded prompt, then exactly 6 single-token steps (the 7th
+token needs no forward), each step's logits only over the 256 action rows of the LM head. Against
+transformers' ``generate`` on the same model this skips the full-vocabulary head, the logits-processor
+and stopping-criteria machinery and the per-step input preparation.
+
+KV cache: a ``StaticCache`` sized to prompt + 6 (``impl="static"``), or transformers' growing
+``DynamicCache`` (``"dynamic"``, the plainest form and the reference).
+
+Left padding works with the static cache because the cache index of a column is its column in the
+padded batch: the 2D attention mask covers the whole cache (prompt mask, then ones for the 6 action
+slots) and causality hides the slots not yet written, so one mask serves every step and shapes never
+change (what torch.compile / CUDA graphs need on a GPU).
+
+``action_hidden`` is the training forward: prompt + the first 6 action tokens in one pass; its hidden
+states give the log-probs that the PPO ratio compares with the rollout's, so both read the LM head
+through the same ``action_logprobs``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from ..kernels import action_logprobs
+from .action_tokenizer import ACTION_DIM
+
+IMPLS = ("static", "dynamic")
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor         # [B, 7] int64 action ids
+    logprobs: torch.Tensor       # [B, 7] float32, under the sampling temperature
+    prompt_hidden: torch.Tensor  # [B, H] hidden state of the last prompt column (value head input)
+
+
+def _sample(logits: torch.Tensor, temperature: float, greedy: bool, generator) -> torch.Tensor:
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *,
+                   temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+                   impl: str = "static") -> Decoded:
+    """embeds/mask/pos: left-padded prompts from ``model.prompt_embeds``. Returns the 7 action tokens, their
+    log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's last hidden state."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown decoding implementation {impl!r}; use one of {IMPLS}")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"sampling temperature must be > 0 (got {temperature}); use greedy=True for argmax")
+    dec, W, vs, ve = model.decoder, model.lm_head_weight, model.vocab_start, model.vocab_end
+    B, S = mask.shape
+    steps = ACTION_DIM - 1
+    full_mask = torch.cat([mask, mask.new_ones(B, steps)], 1)
+    if impl == "dynamic":
+        kv = DynamicCache(config=dec.config)
+        masks = [full_mask[:, :S + k] for k in range(ACTION_DIM)]
+    else:
+        kv = StaticCache(config=dec.config, max_cache_len=S + steps)
+        # the unwritten slots are in every query's future, so causality hides them: one mask for all steps
+        masks = [full_mask] * ACTION_DIM
+    h = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
+            use_cache=True).last_hidden_state[:, -1]
+    positions = pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]  # [B, 6]
+    W_act = W[vs:ve]
+    tokens = torch.empty(B, ACTION_DIM, dtype=torch.long, device=h.device)
+    hidden = h.new_empty(B, ACTION_DIM, h.shape[-1])
+    for k in range(ACTION_DIM):
+        hidden[:, k] = h
+        tok = _sample((h @ W_act.T).float(), temperature, greedy, generator) + vs
+        tokens[:, k] = tok
+        if k == steps:
+            break
+        x = model.embed_tokens(tok)[:, None].to(embeds.dtype)
+        h = dec(inputs_embeds=x, attention_mask=masks[k + 1], position_ids=positions[:, k:k + 1],
+                past_key_values=kv, use_cache=True).last_hidden_state[:, -1]
+    # one call for all 7 columns: the same function the training forward scores them with
+    logps = action_logprobs_of(model, hidden, tokens, temperature=temperature)
+    return Decoded(tokens, logps, hidden[:, 0])
+
+
+def action_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                  tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced: hidden states [B, 7, H] that predict each of the 7 given action tokens (column k
+    predicts token k; column 0 is the last prompt column, the value head's input)."""
+    if tokens.shape != (embeds.shape[0], ACTION_DIM):
+        raise ValueError(f"action tokens must be [B={embeds.shape[0]}, {ACTION_DIM}]; got {tuple(tokens.shape)}")
+    B, S, _ = embeds.shape
+    embeds = torch.cat([embeds, model.embed_tokens(tokens[:, :ACTION_DIM - 1]).to(embeds.dtype)], 1)
+    mask = torch.cat([mask, mask.new_ones(B, ACTION_DIM - 1)], 1)
+    pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]], 1)
+    out = model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+    return out.last_hidden_state[:, S - 1:]
+
+
+def action_logprobs_of(model, hidden: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                       return_entropy: bool = False):
+    """[B, 7, H] hidden + [B, 7] tokens -> log-probs [B, 7] (and entropies) over the action ids only."""
+    B = hidden.shape[0]
+    out = action_logprobs(hidden.reshape(B * ACTION_DIM, -1), model.lm_head_weight, tokens.reshape(-1),
+                          temperature=temperature, vocab_start=model.vocab_start, vocab_end=model.vocab_end,
+                          return_entropy=return_entropy)
+    if return_entropy:
+        return out[0].view(B, ACTION_DIM), out[1].view(B, ACTION_DIM)
+    return out.view(B, ACTION_DIM)
+
