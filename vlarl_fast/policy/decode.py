@@ -3,10 +3,16 @@
 ``decode_actions``: one prefill of every left-padded prompt, then exactly 6 single-token steps (the 7th
 token needs no forward), each step's logits only over the 256 action rows of the LM head. Against
 transformers' ``generate`` on the same model this skips the full-vocabulary head, the logits-processor
-and stopping-criteria machinery and the per-step input preparation.
+and stopping-criteria machinery and the per-step input preparation; ``tests/test_decode.py`` checks that
+greedy tokens equal ``generate``'s exactly, with padding.
 
-KV cache: a ``StaticCache`` sized to prompt + 6 (``impl="static"``), or transformers' growing
-``DynamicCache`` (``"dynamic"``, the plainest form and the reference).
+Implementations (``impl``), each the reference of the one before:
+
+- ``"fast"`` (default): prefill through the decoder's own forward into a ``StaticCache`` sized to
+  prompt + 6, then the 6 steps through ``llama_step`` (the same arithmetic without transformers'
+  per-call machinery) where the decoder is a Llama;
+- ``"static"``: the same cache, every step through the decoder's forward;
+- ``"dynamic"``: transformers' growing ``DynamicCache``, the plainest form.
 
 Left padding works with the static cache because the cache index of a column is its column in the
 padded batch: the 2D attention mask covers the whole cache (prompt mask, then ones for the 6 action
@@ -22,12 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from ..kernels import action_logprobs
+from . import llama_step
 from .action_tokenizer import ACTION_DIM
 
-IMPLS = ("static", "dynamic")
+IMPLS = ("fast", "static", "dynamic")
 
 
 @dataclass
@@ -47,9 +54,13 @@ def _sample(logits: torch.Tensor, temperature: float, greedy: bool, generator) -
 @torch.no_grad()
 def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *,
                    temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-                   impl: str = "static") -> Decoded:
+                   impl: str = "fast") -> Decoded:
     """embeds/mask/pos: left-padded prompts from ``model.prompt_embeds``. Returns the 7 action tokens, their
-    log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's last hidden state."""
+    log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's last hidden state.
+
+    ``impl``: "fast" (static cache, decode steps by ``llama_step`` where the decoder is a Llama, else as
+    "static"), "static" (static cache, every step through ``decoder(...)``) or "dynamic" (transformers'
+    DynamicCache, the plainest form)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown decoding implementation {impl!r}; use one of {IMPLS}")
     if not greedy and not temperature > 0:
@@ -68,6 +79,9 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
     h = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
             use_cache=True).last_hidden_state[:, -1]
     positions = pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]  # [B, 6]
+    stepper = None
+    if impl == "fast" and llama_step.supports(dec):
+        stepper = llama_step.LlamaStepper(dec, kv, full_mask, positions, S, embeds.dtype)
     W_act = W[vs:ve]
     tokens = torch.empty(B, ACTION_DIM, dtype=torch.long, device=h.device)
     hidden = h.new_empty(B, ACTION_DIM, h.shape[-1])
@@ -78,8 +92,11 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
         if k == steps:
             break
         x = model.embed_tokens(tok)[:, None].to(embeds.dtype)
-        h = dec(inputs_embeds=x, attention_mask=masks[k + 1], position_ids=positions[:, k:k + 1],
-                past_key_values=kv, use_cache=True).last_hidden_state[:, -1]
+        if stepper is not None:
+            h = stepper.step(x, k)
+        else:
+            h = dec(inputs_embeds=x, attention_mask=masks[k + 1], position_ids=positions[:, k:k + 1],
+                    past_key_values=kv, use_cache=True).last_hidden_state[:, -1]
     # one call for all 7 columns: the same function the training forward scores them with
     logps = action_logprobs_of(model, hidden, tokens, temperature=temperature)
     return Decoded(tokens, logps, hidden[:, 0])
@@ -110,3 +127,24 @@ def action_logprobs_of(model, hidden: torch.Tensor, tokens: torch.Tensor, *, tem
         return out[0].view(B, ACTION_DIM), out[1].view(B, ACTION_DIM)
     return out.view(B, ACTION_DIM)
 
+
+class _ActionIdsOnly(LogitsProcessor):
+    """generate's way of constraining to the action ids: every other id gets -inf before the argmax/sampling."""
+
+    def __init__(self, vocab_start: int, vocab_end: int):
+        self.vocab_start, self.vocab_end = vocab_start, vocab_end
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, -float("inf"))
+        out[:, self.vocab_start:self.vocab_end] = scores[:, self.vocab_start:self.vocab_end]
+        return out
+
+
+@torch.no_grad()
+def generate_actions(causal_lm, embeds: torch.Tensor, mask: torch.Tensor, vocab_start: int, vocab_end: int,
+                     pad_token_id: int) -> torch.Tensor:
+    """The baseline and reference: transformers' ``generate`` (greedy, 7 new tokens, constrained to the action
+    ids) on the same left-padded prompt embeddings -> [B, 7] action ids."""
+    return causal_lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=ACTION_DIM,
+                              min_new_tokens=ACTION_DIM, do_sample=False, pad_token_id=pad_token_id,
+                              logits_processor=LogitsProcessorList([_ActionIdsOnly(vocab_start, vocab_end)]))

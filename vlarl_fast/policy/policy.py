@@ -30,7 +30,7 @@ class ActOutput:
 
 
 class VLAPolicy:
-    def __init__(self, model, tokenizer, norm_stats: NormStats | None, device="cpu", *, decode_impl: str = "static",
+    def __init__(self, model, tokenizer, norm_stats: NormStats | None, device="cpu", *, decode_impl: str = "fast",
                  unnorm_key: str | None = None):
         check_model(model)
         if decode_impl not in IMPLS:
@@ -40,7 +40,7 @@ class VLAPolicy:
         self.norm_stats = norm_stats
         self.unnorm_key = unnorm_key  # the dataset norm_stats came from (OpenVLA); saved under that name
         self.device = torch.device(device)
-        self.decode_impl = decode_impl  # decode.decode_actions: "static" | "dynamic" (reference)
+        self.decode_impl = decode_impl  # decode.decode_actions: "fast" | "static" | "dynamic" (references)
         # the bins count back from the end of the action slice (OpenVLA: 32000, below the padded LM head)
         self.action_tokenizer = ActionTokenizer(model.vocab_end)
         self._prompt_cache: dict[str, list[int]] = {}

@@ -1,0 +1,135 @@
+"""Batched action decoding: greedy tokens equal transformers' ``generate`` (and each prompt decoded alone) with
+left padding; the fast Llama steps equal the decoder-forward reference; rollout log-probs and values equal the
+training forward's. On a tiny OpenVLA-shaped model with random weights, the built-in tiny VLA, and a plain
+Llama with grouped-query attention and biases (paths the two VLAs do not take)."""
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlarl_fast.policy import VLAPolicy, make_policy
+from vlarl_fast.policy.decode import IMPLS, action_hidden, action_logprobs_of, decode_actions, generate_actions
+from vlarl_fast.policy.openvla import build_llama_tokenizer, random_tiny_openvla
+from vlarl_fast.policy.protocol import left_pad
+
+INSTR = ["pick up the black bowl and place it on the plate", "open the top drawer",
+         "turn on the stove and put the moka pot on it"]
+
+
+@pytest.fixture(scope="module")
+def openvla():
+    return VLAPolicy(random_tiny_openvla(seed=0), build_llama_tokenizer(INSTR), None)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_policy("tiny", instructions=INSTR, seed=0, hidden_size=32, num_layers=2)
+
+
+def _obs(policy, B, seed=0):
+    rng = np.random.default_rng(seed)
+    s = policy.config.image_size
+    return rng.integers(0, 256, (B, s, s, 3), dtype=np.uint8), rng.normal(size=(B, 8)).astype(np.float32)
+
+
+def _causal_lm(policy):
+    m = policy.model
+    return m.language_model if hasattr(m, "language_model") else m.lm
+
+
+@pytest.mark.parametrize("kind", ["openvla", "tiny"])
+def test_greedy_batched_decoding_equals_generate(kind, request):
+    policy = request.getfixturevalue(kind)
+    m = policy.model
+    B = 5
+    imgs, st = _obs(policy, B)
+    instr = [INSTR[i % 3] for i in range(B)]
+    _, (embeds, mask, pos) = policy._prompt(imgs, st, instr)
+    assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths: rows are left padded
+    want = generate_actions(_causal_lm(policy), embeds, mask, m.vocab_start, m.vocab_end, policy.tokenizer.pad_token_id)
+    assert want.shape == (B, 7)
+    for impl in IMPLS:
+        got = decode_actions(m, embeds, mask, pos, greedy=True, impl=impl)
+        assert torch.equal(got.tokens, want), impl
+    # and each prompt decoded alone (no padding at all) gives its row of the batch
+    out = policy.act(imgs, st, instr, greedy=True)
+    for i in range(B):
+        assert torch.equal(policy.act(imgs[i:i + 1], st[i:i + 1], instr[i:i + 1], greedy=True).tokens[0], out.tokens[i])
+    assert torch.equal(out.tokens, want)
+
+
+@pytest.mark.parametrize("kind", ["openvla", "tiny"])
+def test_rollout_logprobs_equal_training_forward(kind, request):
+    policy = request.getfixturevalue(kind)
+    imgs, st = _obs(policy, 6, seed=1)
+    instr = [INSTR[(i * 2) % 3] for i in range(6)]
+    out = policy.act(imgs, st, instr, temperature=1.7, generator=torch.Generator().manual_seed(3))
+    ids, mask = policy.encode_prompts(instr)
+    with torch.no_grad():
+        lp, ent, v = policy.evaluate_actions(out.vision_feats, torch.as_tensor(st), ids, mask, out.tokens,
+                                             temperature=1.7)
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(lp, out.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v, out.values, atol=1e-5, rtol=0)
+    assert (ent > 0).all() and out.tokens.min() >= policy.model.vocab_start
+    assert out.tokens.max() < policy.model.vocab_end
+
+
+def test_fast_steps_equal_the_decoder_forward_reference_when_sampling(openvla):
+    m = openvla.model
+    imgs, _ = _obs(openvla, 7, seed=2)
+    _, (embeds, mask, pos) = openvla._prompt(imgs, None, [INSTR[i % 3] for i in range(7)])
+    runs = {impl: decode_actions(m, embeds, mask, pos, temperature=1.3, generator=torch.Generator().manual_seed(5),
+                                 impl=impl) for impl in IMPLS}
+    for impl in ("static", "dynamic"):
+        assert torch.equal(runs["fast"].tokens, runs[impl].tokens), impl
+        torch.testing.assert_close(runs["fast"].logprobs, runs[impl].logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(runs["fast"].prompt_hidden, runs[impl].prompt_hidden, atol=1e-5, rtol=0)
+
+
+class _PlainLlama:
+    """A real Llama LM seen through the decoding API: its last 256 ids are the action ids."""
+
+    def __init__(self, lm: LlamaForCausalLM):
+        self.lm, self.decoder = lm, lm.model
+        self.lm_head_weight = lm.lm_head.weight
+        self.vocab_end = lm.config.vocab_size
+        self.vocab_start = self.vocab_end - 256
+
+    def embed_tokens(self, ids):
+        return self.decoder.embed_tokens(ids)
+
+
+def test_fast_steps_with_grouped_query_attention_and_biases():
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=6, num_key_value_heads=2, attention_bias=True,
+                                      mlp_bias=True, pad_token_id=0)).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.5)
+    model = _PlainLlama(lm)
+    rng = np.random.default_rng(0)
+    ids, mask = left_pad([rng.integers(3, 64, n).tolist() for n in (9, 4, 12, 7)])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    embeds = model.embed_tokens(ids)
+    fast = decode_actions(model, embeds, mask, pos, greedy=True)
+    ref = decode_actions(model, embeds, mask, pos, greedy=True, impl="static")
+    assert torch.equal(fast.tokens, ref.tokens)
+    torch.testing.assert_close(fast.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(fast.tokens, generate_actions(lm, embeds, mask, model.vocab_start, model.vocab_end, 0))
+    h = action_hidden(model, embeds, mask, pos, fast.tokens)
+    torch.testing.assert_close(action_logprobs_of(model, h, fast.tokens), fast.logprobs, atol=1e-5, rtol=0)
+
+
+def test_bad_decoding_arguments_are_explained(openvla):
+    imgs, _ = _obs(openvla, 2)
+    _, (embeds, mask, pos) = openvla._prompt(imgs, None, INSTR[:2])
+    with pytest.raises(ValueError, match="unknown decoding implementation 'vllm'"):
+        decode_actions(openvla.model, embeds, mask, pos, impl="vllm")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        decode_actions(openvla.model, embeds, mask, pos, temperature=0.0)
+    with pytest.raises(ValueError, match="action tokens must be"):
+        action_hidden(openvla.model, embeds, mask, pos, torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 observations but 1 instructions"):
+        openvla.act(imgs, None, INSTR[:1])
