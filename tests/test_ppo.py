@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlarl_fast.kernels import action_logprobs
-from vlarl_fast.rl.ppo import explained_variance, normalize_advantages, ppo_losses
+from vlarl_fast.rl.ppo import explained_variance, normalize_advantages, normalize_advantages_grouped, ppo_losses
 
 
 def test_ratio_one_gives_minus_mean_advantage():
@@ -46,6 +46,19 @@ def test_normalize_and_explained_variance():
     y = torch.tensor([1.0, 2.0, 3.0])
     assert explained_variance(y, y) == pytest.approx(1.0)
     assert math.isnan(explained_variance(y, torch.ones(3)))
+
+
+def test_grouped_normalisation_is_per_group():
+    # task 0 has large advantages, task 1 small ones: each ends with mean 0 and std 1 on its own
+    adv = torch.tensor([10.0, 20.0, 30.0, 0.1, 0.3, 0.2, 0.4])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    out = normalize_advantages_grouped(adv, groups)
+    for g in (0, 1):
+        sel = out[groups == g]
+        assert sel.mean().abs() < 1e-6 and sel.std().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(out[:3], normalize_advantages(adv[:3]))
+    # order inside a group is kept
+    assert out[3] < out[5] < out[4] < out[6]
 
 
 @pytest.mark.parametrize("N,H,V,start,temp", [(5, 8, 40, 0, 1.0), (13, 7, 300, 44, 0.7), (1, 3, 9, 8, 1.6)])

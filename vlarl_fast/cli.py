@@ -74,14 +74,14 @@ def cmd_eval(args: list[str]) -> int:
     from .policy import make_policy
     from .report import success_table, write_json_atomic
     from .train import _bar, prepare_output_dir
-    from .rl.evaluate import evaluate
+    from .rl.evaluate import count_episodes, evaluate
 
     cfg = _parse(EvalCommand, args, "vlarl-fast eval")
     out = prepare_output_dir(cfg.output_dir)
     tasks = list(cfg.env.tasks) or list_tasks(cfg.env.suite)
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
                          image_size=cfg.env.image_size, seed=cfg.seed, device=cfg.device)
-    n = len(tasks) * cfg.eval.init_states * cfg.eval.episodes_per_state
+    n = count_episodes(tasks, cfg.eval.init_states, cfg.eval.episodes_per_state)
     with _bar(n, "eval", cfg.progress) as bar:
         res = evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
                        num_envs=cfg.env.num_envs, image_size=policy.config.image_size, seed=cfg.seed,

@@ -69,8 +69,8 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
-    from .rl.evaluate import evaluate
-    n = len(tasks) * cfg.eval.init_states * cfg.eval.episodes_per_state
+    from .rl.evaluate import count_episodes, evaluate
+    n = count_episodes(tasks, cfg.eval.init_states, cfg.eval.episodes_per_state)
     with _bar(n, f"eval ({label})", cfg.progress) as bar:
         return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
                         num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
@@ -105,7 +105,8 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         with _bar(len(tasks) * cfg.sft.demos_per_task, "demos", cfg.progress) as bar:
             episodes = collect_demos(tasks, cfg.sft.demos_per_task, noise=cfg.sft.demo_noise, seed=cfg.seed,
-                                     image_size=cfg.env.image_size, progress=bar)
+                                     image_size=cfg.env.image_size, progress=bar,
+                                     clean_labels=cfg.sft.clean_labels)
         data = demos_to_arrays(episodes)
         steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
         with _bar(steps, "sft", cfg.progress) as bar:

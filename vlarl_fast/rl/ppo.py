@@ -44,6 +44,16 @@ def normalize_advantages(adv: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (adv - adv.mean()) / (adv.std() + eps)
 
 
+def normalize_advantages_grouped(adv: torch.Tensor, groups: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise within each group (e.g. each task) so that tasks with large rewards or long
+    episodes do not drown the others' signal in a shared minibatch."""
+    out = torch.empty_like(adv)
+    for g in torch.unique(groups):
+        sel = groups == g
+        out[sel] = normalize_advantages(adv[sel], eps)
+    return out
+
+
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:
     var_y = torch.var(y_true)
     if var_y == 0:

@@ -26,7 +26,7 @@ from ..kernels import gae
 from ..policy import VLAPolicy
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
-from .ppo import explained_variance, normalize_advantages, ppo_losses
+from .ppo import explained_variance, normalize_advantages, normalize_advantages_grouped, ppo_losses
 
 
 @dataclass
@@ -120,6 +120,10 @@ class PPOTrainer:
         data = buf.flat()
         B = buf.T * buf.N
         adv_flat, ret_flat = advantages.reshape(B), returns.reshape(B)
+        if cfg.norm_adv_per_task:
+            names = {s: i for i, s in enumerate(sorted(set(data["instructions"])))}
+            groups = torch.tensor([names[s] for s in data["instructions"]])
+            adv_flat = normalize_advantages_grouped(adv_flat, groups)
         old_logp = data["logprobs"].sum(-1)
         model = pol.model
         model.train()
@@ -151,7 +155,7 @@ class PPOTrainer:
                     logp, ent_tok, values = pol.evaluate_actions(feats, states, text_ids, text_mask, tokens,
                                                                  temperature=cfg.temperature)
                     mb_adv = adv_flat[idx].to(pol.device)
-                    if cfg.norm_adv:
+                    if cfg.norm_adv and not cfg.norm_adv_per_task:
                         mb_adv = normalize_advantages(mb_adv)
                     pg_loss, v_loss, kl, cf = ppo_losses(logp.sum(-1), old_logp[idx].to(pol.device), mb_adv,
                                                          values, ret_flat[idx].to(pol.device),

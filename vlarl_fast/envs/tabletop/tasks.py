@@ -15,7 +15,7 @@ import numpy as np
 
 from .scene import CUBE_HALF, CUBES, ZONE_HALF, ZONES
 
-NUM_INIT_STATES = 50
+NUM_INIT_STATES = 20
 REACH_TOL = 0.03          # fingertip centre to cube centre (xy) for "reach"
 REACH_Z_TOL = 0.05
 LIFT_HEIGHT = 0.08        # cube centre height for "pick up"
