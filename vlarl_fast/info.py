@@ -13,7 +13,7 @@ import re
 import sys
 
 PACKAGES = ["torch", "transformers", "mujoco", "gymnasium", "numpy", "triton", "tyro", "pybind11", "torchvision",
-            "flash-attn", "ray", "hf-libero", "libero"]
+            "flash-attn", "ray", "hf-libero", "libero", "robosuite"]
 ALWAYS_SHOWN = ("torch", "transformers", "mujoco", "gymnasium", "numpy", "triton")
 ENV_VARS = ["MUJOCO_GL", "PYOPENGL_PLATFORM", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "LP_NUM_THREADS",
             "VLARL_LIBERO_ASSETS", "VLARL_DISABLE_EXT"]
@@ -139,6 +139,41 @@ def _suites() -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _libero() -> dict | None:
+    """LIBERO's suites and where its assets come from; None where the extra is not installed."""
+    if _version("libero") is None and _version("hf-libero") is None:
+        return None
+    out: dict = {"suites": {}, "assets": None, "error": None, "assets_error": None}
+    try:
+        from .envs.libero import SUITES, find_assets, list_tasks
+        out["suites"] = {s: len(list_tasks(s)) for s in SUITES}
+        try:
+            out["assets"] = str(find_assets())
+        except Exception as e:
+            out["assets_error"] = str(e)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _libero_problems(packages: dict, libero: dict | None) -> list[str]:
+    if libero is None:
+        return []
+    problems = []
+    if libero["error"]:
+        problems.append(f"LIBERO is installed but unusable: {libero['error']}")
+    elif libero["assets_error"]:
+        problems.append(f"LIBERO environments cannot be built: {libero['assets_error']}")
+    mj = packages.get("mujoco")
+    if mj and not re.match(r"3\.[89]\.", mj):
+        problems.append(f"mujoco {mj} next to LIBERO: robosuite 1.4 works with MuJoCo 3.8 and 3.9 only. "
+                        "Fix: `pip install 'mujoco>=3.8,<3.10'`")
+    if packages.get("hf-libero") and packages.get("libero"):
+        problems.append("both hf-libero and libero are installed (the same `libero` package): keep one, "
+                        "`pip uninstall -y hf-libero` (it pins mujoco<3.9)")
+    return problems
+
+
 def collect_info() -> dict:
     """Everything `vlarl-fast info` reports, as a JSON-serialisable dict. Never raises."""
     try:
@@ -159,6 +194,7 @@ def collect_info() -> dict:
         "triton": _triton(acc["cuda"]),
         "render": _render(),
         "suites": _suites(),
+        "libero": _libero(),
         "env": env,
     }
     problems = []
@@ -171,6 +207,7 @@ def collect_info() -> dict:
         problems.append("the compiled extension is missing: the vectorised env manager falls back to pure Python")
     if not info["render"]["works"]:
         problems.append("no headless render backend: environments cannot render observations")
+    problems += _libero_problems(packages, info["libero"])
     info["problems"] = problems
     return info
 
@@ -205,6 +242,14 @@ def format_info(info: dict) -> str:
               f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
               "  task suites   " + ("error: " + suites["error"] if "error" in suites
                                     else ", ".join(f"{k} ({v} tasks)" for k, v in suites.items()))]
+    lib = info.get("libero")
+    if lib is None:
+        lines.append("  LIBERO        not installed (optional: the libero extra)")
+    elif lib["error"]:
+        lines.append(f"  LIBERO        NOT usable: {lib['error']}")
+    else:
+        lines.append("  LIBERO        " + ", ".join(f"{k} ({v} tasks)" for k, v in lib["suites"].items()))
+        lines.append(f"  LIBERO assets {lib['assets'] or 'NOT found (see problems)'}")
     if info.get("env"):
         lines += ["", "environment:"] + [f"  {k}={v}" for k, v in info["env"].items()]
     if info["problems"]:
