@@ -95,8 +95,8 @@ def test_bad_inputs_are_explained():
         make_env("tabletop/reach_rde")
     with pytest.raises(ValueError, match="available suites"):
         list_tasks("nope")
-    with pytest.raises(ValueError, match="not available yet"):
-        list_tasks("libero_spatial")
+    with pytest.raises(ValueError, match="available suites: tabletop, libero_spatial"):
+        list_tasks("libero_spatail")
     with pytest.raises(ValueError, match="image_size"):
         make_env("tabletop/reach_red", image_size=4)
 

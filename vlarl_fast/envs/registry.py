@@ -17,22 +17,48 @@ def list_tasks(suite: str = "tabletop") -> list[str]:
     if suite in SUITES:
         return list(SUITES[suite])
     if suite in LIBERO_SUITES:
-        raise ValueError(f"suite {suite!r} (LIBERO) is not available yet in this version; "
-                         f"available suites: {', '.join(SUITES)}")
-    raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join(SUITES)}")
+        from . import libero
+        return libero.list_tasks(suite)
+    raise ValueError(f"unknown suite {suite!r}; available suites: {', '.join([*SUITES, *LIBERO_SUITES])}")
 
 
-def get_task(task_id: str) -> TaskSpec:
+def _libero_task(task_id: str):
+    """The LIBERO task ``task_id`` names, or None. LIBERO ids (``libero_spatial/0``) need the extra; a
+    bare name is looked up in LIBERO only where it is installed."""
+    from . import libero
+    if task_id.partition("/")[0] in LIBERO_SUITES:
+        return libero.get_task(task_id)
+    try:
+        return libero.find_task(task_id)
+    except libero.LiberoNotInstalledError:
+        return None
+
+
+def get_task(task_id: str):
+    """A TaskSpec (tabletop) or a LiberoTask; both have task_id, instruction, max_episode_steps,
+    num_init_states."""
     if task_id in TASKS:
         return TASKS[task_id]
+    task = _libero_task(task_id)
+    if task is not None:
+        return task
     close = difflib.get_close_matches(task_id, list(TASKS), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UnknownTaskError(f"unknown task {task_id!r}.{hint} List the tasks with "
-                           "`python -c \"import vlarl_fast.envs as e; print(e.list_tasks('tabletop'))\"`.")
+                           "`python -c \"import vlarl_fast.envs as e; print(e.list_tasks('tabletop'))\"` "
+                           f"(LIBERO suites: {', '.join(LIBERO_SUITES)}).")
 
 
-def make_env(task_id: str, *, image_size: int = 64, seed: int | None = None, wrist: bool = False,
-             reward: str = "dense", **options):
-    """A gymnasium env for one task. Options: shaping_coef, max_delta, max_rot, max_episode_steps."""
+def make_env(task_id: str, *, image_size: int | None = None, seed: int | None = None, wrist: bool = False,
+             reward: str | None = None, **options):
+    """A gymnasium env for one task. ``image_size`` and ``reward`` default per suite (tabletop: 64,
+    'dense'; LIBERO: 224, 'sparse'). Tabletop options: shaping_coef, max_delta, max_rot,
+    max_episode_steps; LIBERO's: see ``vlarl_fast.envs.libero.make_env``."""
+    task = get_task(task_id)
+    if not isinstance(task, TaskSpec):
+        from .libero import LiberoEnv
+        return LiberoEnv(task, image_size=224 if image_size is None else image_size, seed=seed, wrist=wrist, reward=reward or "sparse",
+                         **options)
     from .tabletop.env import TabletopEnv
-    return TabletopEnv(get_task(task_id), image_size=image_size, seed=seed, wrist=wrist, reward=reward, **options)
+    return TabletopEnv(task, image_size=64 if image_size is None else image_size, seed=seed, wrist=wrist, reward=reward or "dense",
+                       **options)
