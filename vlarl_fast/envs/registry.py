@@ -57,8 +57,8 @@ def make_env(task_id: str, *, image_size: int | None = None, seed: int | None = 
     task = get_task(task_id)
     if not isinstance(task, TaskSpec):
         from .libero import LiberoEnv
-        return LiberoEnv(task, image_size=224 if image_size is None else image_size, seed=seed, wrist=wrist, reward=reward or "sparse",
-                         **options)
+        return LiberoEnv(task, image_size=224 if image_size is None else image_size, seed=seed, wrist=wrist,
+                         reward=reward or "sparse", **options)
     from .tabletop.env import TabletopEnv
-    return TabletopEnv(task, image_size=64 if image_size is None else image_size, seed=seed, wrist=wrist, reward=reward or "dense",
-                       **options)
+    return TabletopEnv(task, image_size=64 if image_size is None else image_size, seed=seed, wrist=wrist,
+                       reward=reward or "dense", **options)

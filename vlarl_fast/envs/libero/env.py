@@ -71,7 +71,8 @@ class LiberoEnv(gym.Env):
                  assets: str | None = None, render_gpu_device_id: int = -1, seed: int | None = None):
         check_options(image_size, center_crop, jpeg_quality)
         if not 16 <= int(render_size) <= 2048:
-            raise ValueError(f"render_size must be in [16, 2048] (LIBERO's evaluations render at 256); got {render_size}")
+            raise ValueError(f"render_size must be in [16, 2048] (LIBERO's evaluations render at 256); "
+                             f"got {render_size}")
         if int(settle_steps) < 0:
             raise ValueError(f"settle_steps must be >= 0 (OpenVLA's evaluation waits 10); got {settle_steps}")
         if max_episode_steps is not None and int(max_episode_steps) < 1:
