@@ -79,3 +79,17 @@ def test_action_logprobs_reference(N, H, V, start, temp):
 def test_action_logprobs_rejects_targets_outside_slice():
     with pytest.raises(ValueError, match="outside the vocab slice"):
         action_logprobs(torch.zeros(2, 3), torch.zeros(10, 3), torch.tensor([1, 9]), vocab_start=5)
+
+
+def test_train_layers_freezes_all_but_the_top_of_the_policy():
+    from vlarl_fast.policy.checkpoint import make_policy
+    from vlarl_fast.rl.trainer import freeze_below_top_layers
+    model = make_policy("tiny", instructions=["reach"], hidden_size=32, num_layers=3).model
+    freeze_below_top_layers(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("lm.model.layers.2.", "lm.model.norm", "lm.lm_head", "value_head"))
+                             for n in trainable)
+    assert any(n.startswith("lm.model.layers.2.") for n in trainable)
+    assert not any(n.startswith(("vision", "projector", "lm.model.layers.1.")) for n in trainable)
+    with pytest.raises(ValueError, match="train-layers must be in"):
+        freeze_below_top_layers(model, 4)

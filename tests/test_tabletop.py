@@ -107,3 +107,17 @@ def test_collect_demos_keeps_successes():
     e = eps[0]
     assert e["images"].shape[1:] == (64, 64, 3) and e["actions"].shape[1] == 7
     assert len(e["images"]) == len(e["actions"]) == len(e["states"])
+
+
+def test_demos_can_cover_more_scenes_than_the_initial_states():
+    from vlarl_fast.envs.tabletop.tasks import TASKS, init_states
+    spec = TASKS["tabletop/reach_red"]
+    n = spec.num_init_states
+    wide = init_states(spec, n + 5)
+    # the fixed initial states are the head of the wider stream
+    assert len(wide) == n + 5 and all((a["hand"] == b["hand"]).all() for a, b in zip(init_states(spec), wide))
+    eps = collect_demos(["tabletop/reach_red"], 4, noise=0.0, seed=0, layouts=n + 5)  # scenes 0, 8, 16, 24
+    assert any(e["init_state"] >= n for e in eps) and all(e["success"] for e in eps)
+    # an ordinary env still offers only the fixed set
+    with pytest.raises(ValueError, match="init_state must be in"):
+        make_env("tabletop/reach_red").reset(options={"init_state": n})

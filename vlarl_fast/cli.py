@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -106,7 +105,7 @@ def train(cfg: TrainConfig) -> dict:
         with _bar(len(tasks) * cfg.sft.demos_per_task, "demos", cfg.progress) as bar:
             episodes = collect_demos(tasks, cfg.sft.demos_per_task, noise=cfg.sft.demo_noise, seed=cfg.seed,
                                      image_size=cfg.env.image_size, progress=bar,
-                                     clean_labels=cfg.sft.clean_labels)
+                                     clean_labels=cfg.sft.clean_labels, layouts=cfg.sft.demo_layouts)
         data = demos_to_arrays(episodes)
         steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
         with _bar(steps, "sft", cfg.progress) as bar:

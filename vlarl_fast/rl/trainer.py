@@ -47,6 +47,23 @@ class IterationStats:
     skipped_updates: int
 
 
+def freeze_below_top_layers(model, k: int) -> None:
+    """Train only the top ``k`` decoder layers, the final norm and the LM head (iRe-VLA's RL stage
+    keeps the backbone frozen). Adam turns the noise of a policy gradient into full-size steps on
+    every parameter it touches, and a freshly fitted SFT policy loses its skill to that drift; fewer
+    trainable parameters keep the drift small. The value head stays trainable."""
+    layers = model.decoder.layers
+    if not 0 < k <= len(layers):
+        raise ValueError(f"--ppo.train-layers must be in [0, {len(layers)}] (0 trains every layer); got {k}")
+    keep = {id(p) for layer in layers[len(layers) - k:] for p in layer.parameters()}
+    keep |= {id(p) for p in model.decoder.norm.parameters()}
+    keep |= {id(model.lm_head_weight)}
+    keep |= {id(p) for p in model.value_head.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
 class PPOTrainer:
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
                  curriculum: Curriculum | None = None):
@@ -56,6 +73,8 @@ class PPOTrainer:
         if cfg.freeze_vision:
             for p in model.vision.parameters():
                 p.requires_grad_(False)
+        if cfg.train_layers > 0:
+            freeze_below_top_layers(model, cfg.train_layers)
         value_params = list(model.value_head.parameters())
         value_ids = {id(p) for p in value_params}
         policy_params = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]

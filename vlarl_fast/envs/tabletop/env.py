@@ -76,7 +76,7 @@ class TabletopEnv(gym.Env):
 
     def __init__(self, task: T.TaskSpec, *, image_size: int = 64, wrist: bool = False, reward: str = "dense",
                  shaping_coef: float = 1.0, max_delta: float = 0.04, max_rot: float = 0.2,
-                 max_episode_steps: int | None = None, seed: int | None = None):
+                 max_episode_steps: int | None = None, seed: int | None = None, demo_layouts: int = 0):
         from ..render import select_backend
         if not 16 <= image_size <= 1024:
             raise ValueError(f"image_size must be in [16, 1024]; got {image_size}")
@@ -97,7 +97,8 @@ class TabletopEnv(gym.Env):
         mocap = lambda name: int(m.body_mocapid[m.body(name).id])  # noqa: E731
         self._zone_mid = {z: mocap(f"zone_{z}") for z in ZONES}
         self._hand, self._fl, self._fr = mocap("hand"), mocap("finger_left"), mocap("finger_right")
-        self._init_states = T.init_states(task)
+        # demo_layouts > num_init_states widens the set for recording demonstrations only
+        self._init_states = T.init_states(task, demo_layouts)
         self._lo, self._hi = np.array(WORKSPACE_LOW), np.array(WORKSPACE_HIGH)
         self._lo[2] = CUBE_HALF
         self.action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)

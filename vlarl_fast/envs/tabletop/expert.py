@@ -102,18 +102,19 @@ class ScriptedExpert:
 
 def collect_demos(task_ids: list[str], episodes_per_task: int, noise: float = 0.0, seed: int = 0,
                   image_size: int = 64, only_success: bool = True, progress=None, max_attempts: int = 4,
-                  clean_labels: bool = True) -> list[dict]:
+                  clean_labels: bool = True, layouts: int = 0) -> list[dict]:
     """Run the expert; each episode: images [T,H,W,3] uint8, states [T,8], actions [T,7], instruction,
-    task_id, init_state, success. Init states are dealt round-robin over the task's fixed set.
+    task_id, init_state, success. Scenes are dealt round-robin over the task's fixed initial states, or
+    over the first ``layouts`` layouts of its seeded stream when that is larger (the initial states come first).
     ``clean_labels``: record the intended action (DART) rather than the executed noisy one."""
     from ..registry import make_env
 
     rng = np.random.default_rng(seed)
     episodes = []
     for task_id in task_ids:
-        env = make_env(task_id, image_size=image_size, reward="sparse")
+        env = make_env(task_id, image_size=image_size, reward="sparse", demo_layouts=layouts)
         expert = ScriptedExpert(env, noise=noise, rng=rng)
-        n_states = env.unwrapped.task.num_init_states
+        n_states = max(env.unwrapped.task.num_init_states, layouts)
         kept, tries = 0, 0
         while kept < episodes_per_task and tries < max_attempts * episodes_per_task:
             k = (kept + tries * 7) % n_states

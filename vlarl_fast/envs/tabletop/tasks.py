@@ -83,10 +83,17 @@ def _sample_layout(rng: np.random.Generator) -> dict:
     raise RuntimeError("could not sample a tabletop layout")
 
 
-def init_states(task: TaskSpec) -> list[dict]:
+def layouts(task: TaskSpec, n: int) -> list[dict]:
+    """The first ``n`` layouts of the task's seeded layout stream."""
     seed = zlib.crc32(task.task_id.encode())
     rng = np.random.default_rng(seed)
-    return [_sample_layout(rng) for _ in range(task.num_init_states)]
+    return [_sample_layout(rng) for _ in range(n)]
+
+
+def init_states(task: TaskSpec, n: int | None = None) -> list[dict]:
+    """The fixed initial states (the first ``num_init_states`` layouts). Demonstrations may be recorded
+    on more layouts of the same stream (``n``): more distinct scenes generalise better than repeats."""
+    return layouts(task, max(task.num_init_states, n or 0))
 
 
 # ---- predicates and potentials ----------------------------------------------------------------
