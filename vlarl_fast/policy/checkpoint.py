@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
 from .action_tokenizer import NormStats
+from .atomic_dir import atomic_directory
 from .model import TinyVLA, VLAConfig
 from .policy import VLAPolicy
 from .text_tokenizer import build_tokenizer
@@ -45,9 +44,7 @@ def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None =
         return save_openvla(policy.model, policy.tokenizer, path, norm_stats=stats,
                             image_processor=policy.model.image_processor, extra=extra)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         cfg = policy.config.to_dict()
         (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}}, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
@@ -55,17 +52,6 @@ def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None =
         policy.tokenizer.save_pretrained(str(tmp))
         if policy.norm_stats is not None:
             policy.norm_stats.save(tmp / STATS)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..action_tokenizer import NormStats
+from ..atomic_dir import atomic_directory
 from .loader import CONFIG, PREPROCESSOR, STATS, VALUE_HEAD_FILE, WEIGHTS, WEIGHTS_INDEX
 from .model import OpenVLAModel
 from .names import to_openvla
@@ -53,15 +52,13 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
     (``vlarl_value_head.safetensors``) that OpenVLA's code never reads; ``extra`` (training stage, step...)
     goes under config.json's ``vlarl_extra`` key, which OpenVLA's config ignores."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
     stats = {k: stats_entry(v) for k, v in (norm_stats or {}).items()} or config.norm_stats
     tensors = to_openvla(model.openvla_state_dict(), config)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         cfg = config.to_dict()
         cfg["norm_stats"] = stats
         if extra:
@@ -90,15 +87,4 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
             save_file(head, str(tmp / VALUE_HEAD_FILE), metadata={"detach": str(int(model.value_detach))})
         processor = image_processor or model.image_processor
         (tmp / PREPROCESSOR).write_text(json.dumps(processor.to_preprocessor_config(), indent=2))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
