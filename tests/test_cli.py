@@ -39,12 +39,30 @@ def test_smoke_train_writes_every_output(tmp_path, capsys):
 
     res = tmp_path / "eval"
     assert main(["eval", "--policy", str(out / "checkpoints" / "final"), "--output-dir", str(res),
-                 "--env.tasks", "tabletop/reach_red", "--eval.init-states", "2", "--eval.episodes-per-state", "1",
-                 "--env.num-envs", "2", "--progress", "False"]) == 0
+                 "--tasks", "tabletop/reach_red", "--init-states", "2", "--episodes-per-state", "1",
+                 "--num-envs", "2", "--progress", "False"]) == 0
     assert json.loads((res / "results.json").read_text())["episodes"] == 2
-    assert main(["eval", "--policy", "tiny", "--output-dir", str(res), "--env.tasks", "tabletop/reach_blue",
-                 "--eval.init-states", "1", "--eval.episodes-per-state", "1", "--progress", "False"]) == 0
     assert main(["eval", "--policy", str(tmp_path / "nope"), "--output-dir", str(res)]) == 2
+
+
+def test_eval_writes_results_chart_and_videos(tmp_path, capsys):
+    res = tmp_path / "eval"
+    # 3 episodes per task over the first 2 initial states: states 0, 1, 0
+    assert main(["eval", "--policy", "tiny", "--output-dir", str(res), "--num-tasks", "2", "--init-states", "2",
+                 "--episodes-per-task", "3", "--max-episode-steps", "3", "--videos", "1", "--num-envs", "4",
+                 "--progress", "False"]) == 0
+    out = json.loads((res / "results.json").read_text())
+    assert out["episodes"] == 6 and out["env_steps"] == 6 * 3 and out["max_episode_steps"] == 3
+    assert list(out["per_task"]) == ["tabletop/reach_red", "tabletop/reach_blue"]
+    assert (res / "success.png").stat().st_size > 1000
+    assert len(out["videos"]) == 2
+    from PIL import Image
+    gif = Image.open(res / out["videos"][0])
+    assert gif.n_frames == 3 and gif.size == (64, 64)
+    with pytest.raises(SystemExit, match="not a libero suite"):
+        main(["eval", "--policy", "tiny", "--env", "libero", "--suite", "tabletop", "--output-dir", str(res)])
+    with pytest.raises(SystemExit, match="--episodes-per-task must be >= 1"):
+        main(["eval", "--policy", "tiny", "--episodes-per-task", "0", "--output-dir", str(res)])
 
 
 def test_config_file_and_bad_preset(tmp_path):
@@ -76,3 +94,25 @@ def test_output_dir_that_is_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(SystemExit, match="cannot write to output directory"):
         main(["train", "--preset", "smoke", "--output-dir", str(f)])
+
+
+def test_short_train_options_and_benchmark_defaults():
+    from vlarl_fast.cli import expand_aliases
+    from vlarl_fast.config import EnvConfig, resolve_env
+    assert expand_aliases(["--env", "libero", "--suite=libero_goal", "--policy", "p", "--env.reward", "sparse"]) == \
+        ["--env.benchmark", "libero", "--env.suite=libero_goal", "--policy.policy", "p", "--env.reward", "sparse"]
+    tab = resolve_env(EnvConfig())
+    assert (tab.suite, tab.image_size, tab.reward, tab.num_envs) == ("tabletop", 64, "dense", 48)
+    lib = resolve_env(EnvConfig(benchmark="libero", num_envs=2))
+    assert (lib.suite, lib.image_size, lib.reward, lib.num_envs) == ("libero_spatial", 224, "sparse", 2)
+    with pytest.raises(ValueError, match="add --env libero"):
+        resolve_env(EnvConfig(suite="libero_goal"))
+    with pytest.raises(ValueError, match="only the sparse"):
+        resolve_env(EnvConfig(benchmark="libero", reward="dense"))
+
+
+def test_train_on_libero_needs_a_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no scripted expert"):
+        main(["train", "--env", "libero", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a tabletop suite"):
+        main(["train", "--suite", "nope", "--output-dir", str(tmp_path)])

@@ -345,3 +345,42 @@ def test_through_the_vectorised_manager(assets):
         for _ in range(2):
             obs, r, term, trunc, info = venv.step(np.zeros((2, 7), np.float32))
         assert obs["image"].shape == (2, 128, 128, 3) and not term.any() and not trunc.any()
+
+
+@pytest.mark.slow  # 2 tasks x 2 full episodes of libero_spatial (230 steps each at 256 px); CI runs it (.ci/run)
+def test_eval_cli_on_libero_writes_results_and_chart(assets, tmp_path, monkeypatch):
+    import json
+
+    from vlarl_fast.cli import main
+    monkeypatch.setenv("VLARL_LIBERO_ASSETS", assets)
+    out = tmp_path / "eval"
+    assert main(["eval", "--env", "libero", "--suite", "libero_spatial", "--policy", "tiny", "--num-tasks", "2",
+                 "--episodes-per-task", "2", "--videos", "1", "--output-dir", str(out), "--progress", "False"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["per_task"]) == ["libero_spatial/0", "libero_spatial/1"]
+    assert res["episodes"] == 4 and res["suite"] == "libero_spatial"
+    # a random policy never succeeds, so every episode runs to the suite's limit
+    assert res["env_steps"] == 4 * 220 and res["success"] == 0.0
+    assert (out / "success.png").stat().st_size > 1000 and len(res["videos"]) == 2
+
+
+@pytest.mark.slow  # a few dozen LIBERO steps at 256 px and two tiny PPO iterations; CI runs it (.ci/run)
+def test_train_cli_on_libero_runs_and_logs(assets, tmp_path, monkeypatch, capsys):
+    import json
+
+    from vlarl_fast.cli import main
+    monkeypatch.setenv("VLARL_LIBERO_ASSETS", assets)
+    out = tmp_path / "run"
+    assert main(["train", "--env", "libero", "--suite", "libero_spatial", "--policy", "tiny", "--skip-sft", "True",
+                 "--env.tasks", "libero_spatial/0", "libero_spatial/1", "--env.num-envs", "2",
+                 "--env.max-episode-steps", "6", "--policy.hidden-size", "32", "--policy.num-layers", "1",
+                 "--ppo.iterations", "2", "--ppo.num-steps", "4", "--ppo.minibatch-size", "4", "--ppo.critic-warmup", "1",
+                 "--ire.every", "1", "--ire.steps", "1", "--ire.batch-size", "2",
+                 "--eval.init-states", "1", "--eval.episodes-per-state", "1",
+                 "--output-dir", str(out), "--progress", "False"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["env_steps"] == 2 * 4 * 2 and summary["eval_episodes"] == 2 and summary["reward"] == "sparse"
+    text = capsys.readouterr().out
+    assert "iter   2" in text and "no action statistics" in text
+    assert (out / "checkpoints" / "final" / "curriculum.json").is_file()
+    assert json.loads((out / "config.json").read_text())["env"]["image_size"] == 224

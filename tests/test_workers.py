@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -292,9 +293,11 @@ def test_close_leaves_no_processes_and_no_shared_memory():
     ("noclose", signal.SIGKILL)])
 def test_ctrl_c_and_killed_manager_leave_no_processes(tmp_path, mode, sig):
     script = textwrap.dedent(f"""
-        import sys, time, numpy as np
+        import faulthandler, sys, time, numpy as np
         from vlarl_fast.envs import VectorEnv, make_env
         if __name__ == "__main__":
+            # a manager that hangs on its way out dumps every thread's stack and exits (diagnosis for CI)
+            faulthandler.dump_traceback_later(45, exit=True)
             fns = [(lambda i=i: make_env({TASKS[0]!r}, image_size=16, seed=i)) for i in range(2)]
             v = VectorEnv(fns, backend="process")
             v.reset(seed=0)
@@ -318,6 +321,10 @@ def test_ctrl_c_and_killed_manager_leave_no_processes(tmp_path, mode, sig):
             time.sleep(0.3)
             p.send_signal(sig)
             p.wait(60)
+            err = p.stderr.read()
+            if "Timeout (0:00:45)!" in err:
+                warnings.warn(f"manager hung after {sig!r} ({mode}); its stacks:\n{err[-6000:]}")
+                pytest.fail(f"manager hung after {sig!r} ({mode})")
         finally:
             if p.poll() is None:
                 p.kill()

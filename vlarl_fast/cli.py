@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
-from .config import EnvConfig, EvalConfig, TrainConfig, apply_presets
+from .config import TrainConfig, apply_presets
 
 USAGE = """usage: vlarl-fast {train,sft,eval,info} [options]
 
-  train   SFT on scripted demos -> PPO -> evaluation (no arguments: the built-in CPU default)
+  train   SFT on scripted demos -> PPO + iRe-VLA stages -> evaluation (no arguments: the built-in CPU
+          default; --env libero --suite S --policy PATH: RL on LIBERO from a checkpoint)
   sft     supervised fine-tuning only (demos -> checkpoint -> evaluation)
-  eval    evaluate a policy over every task and initial state
+  eval    evaluate a policy over the tasks and initial states of a suite (--env libero for LIBERO)
   info    versions, accelerators, render backend, compiled extension and Triton status
 
 `vlarl-fast COMMAND --help` lists every option of a command."""
@@ -19,22 +21,50 @@ USAGE = """usage: vlarl-fast {train,sft,eval,info} [options]
 
 @dataclass
 class EvalCommand:
-    """Evaluate a policy (checkpoint directory) over every task and initial state."""
+    """Evaluate a policy over the tasks and initial states of a suite: success table, results.json, a bar
+    chart (success.png) and optional videos."""
 
     policy: str
-    """Checkpoint directory (as written by `vlarl-fast train` or `sft`), or the preset 'tiny' (random weights)."""
+    """Checkpoint directory (vlarl-fast's or OpenVLA's), or the preset 'tiny' (random weights)."""
+    env: Literal["tabletop", "libero"] = "tabletop"
+    """Benchmark: the built-in tabletop suite, or LIBERO (the libero extra and VLARL_LIBERO_ASSETS)."""
+    suite: str | None = None
+    """Suite of the benchmark (tabletop: 'tabletop'; LIBERO: libero_spatial (default), libero_object,
+    libero_goal, libero_10, libero_90)."""
+    tasks: tuple[str, ...] = ()
+    """Task ids to evaluate (e.g. libero_spatial/3); empty: the suite's tasks."""
+    num_tasks: int = 0
+    """Evaluate only the first N tasks of the suite (0: all)."""
+    episodes_per_task: int | None = None
+    """Episodes per task, dealt over its initial states in order (LIBERO's protocol: 50, one per state).
+    Unset: --episodes-per-state episodes on each initial state."""
+    episodes_per_state: int | None = None
+    """Episodes per (task, initial state) when --episodes-per-task is unset (default: tabletop 5, LIBERO 1)."""
+    init_states: int = 0
+    """Use only the first K fixed initial states of each task (0: all)."""
+    greedy: bool = False
+    """Greedy decoding; by default actions are sampled at --temperature."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    num_envs: int = 0
+    """Environments stepped together (0: tabletop 48, LIBERO 8)."""
+    max_episode_steps: int | None = None
+    """Cut episodes shorter than the suite's limit (quick checks; not a benchmark number)."""
+    videos: int = 0
+    """Record the first N episodes of each task as videos in OUTPUT_DIR/videos (the policy's view)."""
+    video_format: Literal["gif", "mp4"] = "gif"
+    """Video container: gif (Pillow) or mp4 (needs imageio-ffmpeg)."""
     output_dir: str = "runs/eval"
-    """Where results.json goes."""
+    """Where results.json, success.png and videos/ go."""
     seed: int = 0
     """Seed of the evaluation (sampling and env RNGs)."""
     device: str = "cpu"
     """Torch device."""
-    temperature: float = 1.0
-    """Sampling temperature (ignored with --eval.greedy)."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     progress: bool = True
     """Show a progress bar."""
+
+
+EPISODES_PER_STATE = {"tabletop": 5, "libero": 1}
 
 
 def _base_train_config(args: list[str]) -> TrainConfig:
@@ -53,8 +83,23 @@ def _parse(cls, args, prog, default=None):
     return tyro.cli(cls, args=args, prog=prog, default=default, config=(tyro.conf.FlagConversionOff,))
 
 
+# short spellings of the most used train options (`vlarl-fast train --env libero --suite S --policy PATH`)
+TRAIN_ALIASES = {"--env": "--env.benchmark", "--suite": "--env.suite", "--policy": "--policy.policy"}
+
+
+def expand_aliases(args: list[str]) -> list[str]:
+    out = []
+    for a in args:
+        name, eq, value = a.partition("=")
+        if name in TRAIN_ALIASES:
+            a = TRAIN_ALIASES[name] + eq + value
+        out.append(a)
+    return out
+
+
 def cmd_train(args: list[str], prog="vlarl-fast train", sft_only: bool = False) -> int:
     from .train import train
+    args = expand_aliases(args)
     base = _base_train_config(args)
     if sft_only:
         base.ppo.iterations = 0
@@ -65,27 +110,61 @@ def cmd_train(args: list[str], prog="vlarl-fast train", sft_only: bool = False) 
     return 0
 
 
+def eval_env(cfg: EvalCommand):
+    """The resolved environment settings and task list of an evaluation."""
+    from .config import EnvConfig, resolve_env
+    from .envs import get_task, list_tasks
+    try:
+        env = resolve_env(EnvConfig(benchmark=cfg.env, suite=cfg.suite, tasks=cfg.tasks, num_envs=cfg.num_envs,
+                                    max_episode_steps=cfg.max_episode_steps))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    tasks = list(env.tasks) or list_tasks(env.suite)
+    if cfg.num_tasks < 0:
+        raise SystemExit(f"error: --num-tasks must be >= 0; got {cfg.num_tasks}")
+    if cfg.num_tasks:
+        tasks = tasks[:cfg.num_tasks]
+    for t in tasks:
+        get_task(t)   # unknown ids fail here, with suggestions
+    return env, tasks
+
+
 def cmd_eval(args: list[str]) -> int:
     from rich.console import Console
 
-    from .envs import get_task, list_tasks
+    from .envs import get_task
     from .policy import make_policy
-    from .report import success_table, write_json_atomic
-    from .train import _bar, prepare_output_dir
+    from .report import plot_task_success, success_table, write_json_atomic, write_videos
     from .rl.evaluate import count_episodes, evaluate
+    from .train import _bar, prepare_output_dir
 
     cfg = _parse(EvalCommand, args, "vlarl-fast eval")
     out = prepare_output_dir(cfg.output_dir)
-    tasks = list(cfg.env.tasks) or list_tasks(cfg.env.suite)
+    env, tasks = eval_env(cfg)
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
-                         image_size=cfg.env.image_size, seed=cfg.seed, device=cfg.device)
-    n = count_episodes(tasks, cfg.eval.init_states, cfg.eval.episodes_per_state)
+                         image_size=env.image_size, seed=cfg.seed, device=cfg.device)
+    per_state = cfg.episodes_per_state or EPISODES_PER_STATE[cfg.env]
+    try:
+        n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    env_options = {} if cfg.max_episode_steps is None else {"max_episode_steps": cfg.max_episode_steps}
     with _bar(n, "eval", cfg.progress) as bar:
-        res = evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
-                       num_envs=cfg.env.num_envs, image_size=policy.config.image_size, seed=cfg.seed,
-                       greedy=cfg.eval.greedy, temperature=cfg.temperature, progress=bar)
-    Console().print(success_table(None, res, title=f"Success per task ({cfg.policy})"))
-    write_json_atomic(out / "results.json", res | {"policy": cfg.policy, "greedy": cfg.eval.greedy})
+        res = evaluate(policy, tasks, init_states=cfg.init_states, episodes_per_state=per_state,
+                       episodes_per_task=cfg.episodes_per_task, num_envs=env.num_envs,
+                       image_size=policy.config.image_size, seed=cfg.seed, greedy=cfg.greedy,
+                       temperature=cfg.temperature, progress=bar, env_options=env_options, record=cfg.videos)
+    console = Console()
+    console.print(success_table(None, res, title=f"Success per task ({cfg.policy})"))
+    videos = res.pop("videos", {})
+    files = write_videos(videos, out / "videos", cfg.video_format) if cfg.videos else []
+    meta = {"policy": cfg.policy, "env": cfg.env, "suite": env.suite, "greedy": cfg.greedy,
+            "temperature": cfg.temperature, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps,
+            "videos": [str(f.relative_to(out)) for f in files]}
+    write_json_atomic(out / "results.json", res | meta)
+    plot_task_success(res, out / "success.png", title=f"{cfg.policy} on {meta['suite']}")
+    console.print(f"wrote {out / 'results.json'}, {out / 'success.png'}"
+                  f"{f' and {len(files)} videos in ' + str(out / 'videos') if files else ''}")
     return 0
 
 
@@ -115,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     from .envs import RenderBackendError, UnknownTaskError
+    from .envs.libero.bootstrap import LiberoAssetsError, LiberoNotInstalledError
     from .policy import CheckpointError
     try:
         return handlers[cmd](rest)
-    except (UnknownTaskError, CheckpointError, RenderBackendError) as e:
+    except (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

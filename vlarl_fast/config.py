@@ -14,16 +14,43 @@ from typing import Literal
 
 @dataclass
 class EnvConfig:
-    suite: str = "tabletop"
-    """Task suite: 'tabletop' (built in, CPU friendly). LIBERO suites come with the libero extra."""
+    benchmark: Literal["tabletop", "libero"] = "tabletop"
+    """Benchmark: the built-in tabletop suite, or LIBERO (`--env libero`: the libero extra, and its assets in
+    VLARL_LIBERO_ASSETS)."""
+    suite: str | None = None
+    """Task suite: 'tabletop', or a LIBERO suite (libero_spatial (the default with --env libero), libero_object,
+    libero_goal, libero_10, libero_90)."""
     tasks: tuple[str, ...] = ()
     """Task ids to train and evaluate on; empty means every task of the suite."""
-    image_size: int = 64
-    """Agent-view image side in pixels (must match the policy's image_size)."""
-    reward: Literal["dense", "sparse"] = "dense"
-    """'sparse': 1 on success. 'dense': sparse plus potential-based progress shaping (keeps the optimal policy)."""
-    num_envs: int = 48
-    """Environments stepped together per rollout batch."""
+    image_size: int | None = None
+    """Agent-view image side in pixels, as the policy takes it (default: tabletop 64, LIBERO 224)."""
+    reward: Literal["dense", "sparse"] | None = None
+    """'sparse': 1 on success. 'dense': sparse plus potential-based progress shaping (keeps the optimal policy).
+    Default: tabletop dense; LIBERO has only sparse."""
+    num_envs: int = 0
+    """Environments stepped together per rollout batch (0: tabletop 48, LIBERO 8)."""
+    max_episode_steps: int | None = None
+    """Episode limit instead of each task's own (quick checks; not for benchmark numbers)."""
+
+
+ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 48},
+                "libero": {"suite": "libero_spatial", "image_size": 224, "reward": "sparse", "num_envs": 8}}
+
+
+def resolve_env(env: EnvConfig) -> EnvConfig:
+    """Fill the benchmark's defaults into the unset fields, and check the suite belongs to the benchmark."""
+    from .envs.registry import LIBERO_SUITES, SUITES
+    d = ENV_DEFAULTS[env.benchmark]
+    suite = env.suite or d["suite"]
+    known = LIBERO_SUITES if env.benchmark == "libero" else tuple(SUITES)
+    if suite not in known:
+        hint = " (add --env libero)" if suite in LIBERO_SUITES else ""
+        raise ValueError(f"suite {suite!r} is not a {env.benchmark} suite{hint}; choose from {', '.join(known)}")
+    reward = env.reward or d["reward"]
+    if env.benchmark == "libero" and reward != "sparse":
+        raise ValueError("LIBERO has only the sparse success reward: drop --env.reward or set it to sparse")
+    return dataclasses.replace(env, suite=suite, image_size=env.image_size or d["image_size"], reward=reward,
+                               num_envs=env.num_envs or d["num_envs"])
 
 
 @dataclass
@@ -107,9 +134,32 @@ class PPOConfig:
     freeze_vision: bool = True
     """Keep the vision tower frozen during RL (its features are cached from the rollout)."""
     curriculum: bool = True
-    """Draw each episode's initial state by VLA-RL's curriculum (favour pairs solved about half the time)."""
+    """Draw each episode's initial state by VLA-RL's curriculum (unvisited pairs first, then favour pairs
+    solved about half the time). Its statistics are saved as curriculum.json in the final checkpoint and
+    restored when --skip-sft True starts from that checkpoint."""
     curriculum_temperature: float = 0.1
     """Sharpness of the curriculum: weight exp((0.5 - |success - 0.5|) / temperature)."""
+    curriculum_window: int = 8
+    """Outcomes per (task, initial state) the curriculum's success estimate is taken over (a sliding window)."""
+    curriculum_floor: float = 0.2
+    """Share of draws spread uniformly over a task's initial states, so that no state starves."""
+
+
+@dataclass
+class IReConfig:
+    every: int = 10
+    """Run iRe-VLA's supervised stage after every N PPO iterations (and so after the last one when N divides
+    the iteration count); 0: PPO only."""
+    steps: int = 150
+    """Behaviour-cloning gradient steps per supervised stage (the whole policy, vision tower included)."""
+    batch_size: int = 64
+    """Steps per gradient update of the supervised stage."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the supervised stage (kept across stages)."""
+    online_fraction: float = 0.5
+    """Share of each batch drawn from the policy's own successful episodes; the rest are expert demonstrations."""
+    capacity: int = 30_000
+    """Environment steps of successful episodes kept (the oldest episodes leave first)."""
 
 
 @dataclass
@@ -124,7 +174,8 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    """SFT on scripted demos -> PPO (VLA-RL) -> evaluation, on the built-in tabletop suite by default."""
+    """SFT on scripted demos -> PPO (VLA-RL) alternating with iRe-VLA's supervised stage -> evaluation, on the
+    built-in tabletop suite by default."""
 
     output_dir: str = "runs/train"
     """Run directory: checkpoints, TensorBoard events, plots, summary.json."""
@@ -144,6 +195,7 @@ class TrainConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    ire: IReConfig = field(default_factory=IReConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tensorboard: bool = True
     """Write TensorBoard event files to output_dir/tb."""
@@ -158,6 +210,7 @@ PRESETS: dict[str, dict] = {
               "policy": {"hidden_size": 32, "num_layers": 1},
               "sft": {"demos_per_task": 2, "epochs": 1},
               "ppo": {"iterations": 2, "num_steps": 4, "critic_warmup": 1, "minibatch_size": 8, "curriculum": True},
+              "ire": {"every": 1, "steps": 2, "batch_size": 8},
               "eval": {"episodes_per_state": 1, "init_states": 2}},
 }
 

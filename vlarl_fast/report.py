@@ -63,3 +63,54 @@ def plot_success(history: list[dict], evals: list[tuple[int, float, str]], path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_task_success(result: dict, path: Path, title: str = "Success per task") -> None:
+    """Horizontal bars of success per task with the average, from an ``evaluate`` result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["per_task"])
+    values = [100 * result["per_task"][t] for t in names]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.4))
+    ax.barh(range(len(names)), values, color="tab:blue")
+    ax.axvline(100 * result["success"], color="tab:red", ls="--", label=f"average {100 * result['success']:.1f}%")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"success rate (%), {result['episodes']} episodes")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_videos(videos: dict[str, list[dict]], folder: Path, fmt: str = "gif", fps: int = 10) -> list[Path]:
+    """One file per recorded episode: <task>_state<k>_<success|failure>.<fmt>. MP4 needs imageio-ffmpeg
+    (`pip install imageio-ffmpeg`); GIF needs only Pillow."""
+    import imageio.v3 as iio
+
+    if fmt not in ("gif", "mp4"):
+        raise ValueError(f"video format must be 'gif' or 'mp4'; got {fmt!r}")
+    if fmt == "mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ValueError("mp4 videos need imageio-ffmpeg: `pip install imageio-ffmpeg`, or use gif") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, episodes in videos.items():
+        for k, ep in enumerate(episodes):
+            name = f"{task.replace('/', '_')}_state{ep['init_state']}_{k}_{'success' if ep['success'] else 'failure'}"
+            path = folder / f"{name}.{fmt}"
+            if fmt == "gif":
+                iio.imwrite(path, ep["frames"], duration=1000 / fps, loop=0)
+            else:
+                iio.imwrite(path, ep["frames"], fps=fps, codec="libx264")
+            paths.append(path)
+    return paths

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_env
 from .envs import VectorEnv, get_task, list_tasks, make_env
-from .policy import make_policy, save_policy
+from .policy import NormStats, make_policy, save_policy
 from .report import plot_success, success_table, write_json_atomic
 
 
@@ -34,6 +34,10 @@ def prepare_output_dir(path: str) -> Path:
         raise SystemExit(f"error: cannot write to output directory {str(out)!r} ({e.strerror}); "
                          "choose another with --output-dir") from None
     return out
+
+
+def env_options(cfg: TrainConfig) -> dict:
+    return {} if cfg.env.max_episode_steps is None else {"max_episode_steps": cfg.env.max_episode_steps}
 
 
 def resolve_tasks(cfg: TrainConfig) -> list[str]:
@@ -73,7 +77,8 @@ def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
     with _bar(n, f"eval ({label})", cfg.progress) as bar:
         return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
                         num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
-                        greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar)
+                        greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar,
+                        env_options=env_options(cfg))
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -82,6 +87,8 @@ def train(cfg: TrainConfig) -> dict:
     from .envs.tabletop.expert import collect_demos
     from .rl.sft import demos_to_arrays, sft_train
     from .rl.curriculum import Curriculum
+    from .rl.ire import SupervisedStage
+    from .rl.online_data import SuccessfulEpisodes
     from .rl.trainer import PPOTrainer
 
     console = Console()
@@ -89,24 +96,40 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
+    try:
+        cfg.env = resolve_env(cfg.env)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.env.benchmark != "tabletop" and not cfg.skip_sft:
+        raise SystemExit(f"error: {cfg.env.benchmark} has no scripted expert to make SFT demonstrations: start RL from "
+                         "a fine-tuned checkpoint with --skip-sft True --policy PATH (an OpenVLA fine-tuned on the "
+                         "suite, or a vlarl-fast checkpoint)")
     out = prepare_output_dir(cfg.output_dir)
     tasks = resolve_tasks(cfg)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
                          device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers)
+    if cfg.skip_sft and policy.norm_stats is None and cfg.env.benchmark == "libero":
+        # LIBERO's controller takes normalised deltas in [-1, 1]: a fresh policy acts in that space directly
+        policy.norm_stats = NormStats.identity()
+        console.print("note: the policy has no action statistics; it acts in LIBERO's normalised [-1, 1] space")
     logger = _Logger(out, cfg.tensorboard)
     summary: dict = {"tasks": tasks, "seed": cfg.seed}
     timings: dict[str, float] = {}
 
     # ---- 1. SFT -----------------------------------------------------------------------------
-    if not cfg.skip_sft:
-        t0 = time.perf_counter()
+    def expert_data():
         with _bar(len(tasks) * cfg.sft.demos_per_task, "demos", cfg.progress) as bar:
             episodes = collect_demos(tasks, cfg.sft.demos_per_task, noise=cfg.sft.demo_noise, seed=cfg.seed,
                                      image_size=cfg.env.image_size, progress=bar,
                                      clean_labels=cfg.sft.clean_labels, layouts=cfg.sft.demo_layouts)
-        data = demos_to_arrays(episodes)
+        return episodes, demos_to_arrays(episodes)
+
+    data = None
+    if not cfg.skip_sft:
+        t0 = time.perf_counter()
+        episodes, data = expert_data()
         steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
         with _bar(steps, "sft", cfg.progress) as bar:
             losses = sft_train(policy, data, epochs=cfg.sft.epochs, batch_size=cfg.sft.batch_size,
@@ -133,22 +156,37 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         slot_task = [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
         fns = [(lambda t=t, i=i: make_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                          seed=cfg.seed * 1000 + i))
+                                          seed=cfg.seed * 1000 + i, **env_options(cfg)))
                for i, t in enumerate(slot_task)]
         curriculum = None
         if cfg.ppo.curriculum:
             curriculum = Curriculum({t: get_task(t).num_init_states for t in tasks},
-                                    temperature=cfg.ppo.curriculum_temperature, seed=cfg.seed)
+                                    temperature=cfg.ppo.curriculum_temperature, window=cfg.ppo.curriculum_window,
+                                    floor=cfg.ppo.curriculum_floor, seed=cfg.seed)
+            if cfg.skip_sft and Path(cfg.policy.policy).is_dir():
+                restored = curriculum.load(cfg.policy.policy)   # resuming: keep what was learnt about each pair
+                if restored:
+                    console.print(f"curriculum: statistics of {len(restored)} tasks restored from {cfg.policy.policy}")
+        recorder = stage = None
+        if cfg.ire.every > 0:
+            if data is None and cfg.env.benchmark == "tabletop":
+                _, data = expert_data()   # the same demonstrations SFT saw (same seed)
+            recorder = SuccessfulEpisodes(cfg.env.num_envs, cfg.ire.capacity)
+            stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
+                                    learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
+                                    weight_decay=cfg.sft.weight_decay, seed=cfg.seed)
         envs = VectorEnv(fns, reset_options=None if curriculum is None else
                          (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
         try:
-            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum)
+            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder)
             with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar:
                 for _ in range(cfg.ppo.iterations):
                     st = trainer.train_iteration()
                     row = dataclasses.asdict(st)
                     history.append(row)
                     logger.scalars("ppo", row, st.env_steps)
+                    if curriculum is not None:
+                        logger.scalars("curriculum", curriculum.summary(), st.env_steps)
                     bar.update(1)
                     bar.set_postfix(success=f"{st.success:.2f}", kl=f"{st.approx_kl:.3f}")
                     bar.write(f"iter {st.iteration:3d} | steps {st.env_steps:7d} | SPS {st.sps:5.0f} | "
@@ -157,10 +195,23 @@ def train(cfg: TrainConfig) -> dict:
                               f"explained_var {st.explained_variance:5.2f} | v_loss {st.v_loss:6.4f} | "
                               f"entropy {st.entropy:5.3f}{' | critic warm-up' if st.critic_only else ''}"
                               f"{f' | skipped {st.skipped_updates} non-finite updates' if st.skipped_updates else ''}")
+                    if stage is not None and st.iteration % cfg.ire.every == 0:
+                        t1 = time.perf_counter()
+                        res = stage.run(recorder.arrays())
+                        dt = time.perf_counter() - t1
+                        timings["ire_s"] = timings.get("ire_s", 0.0) + dt
+                        logger.scalars("ire", {"loss": res["loss"], "online_steps": res["online_steps"],
+                                               "episodes_kept": recorder.kept}, st.env_steps)
+                        bar.write(f"iRe-VLA supervised stage {stage.stages}: {res['steps']} steps on "
+                                  f"{res['online_steps']} online steps ({len(recorder.episodes)} successful "
+                                  f"episodes) + demonstrations | loss {res['loss']:.3f} | {dt:.0f} s")
         finally:
             envs.close()
         timings["rl_s"] = time.perf_counter() - t0
-        save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl", "iterations": cfg.ppo.iterations})
+        final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
+                                                                           "iterations": cfg.ppo.iterations})
+        if curriculum is not None:
+            curriculum.save(final)
         (out / "history.json").write_text(json.dumps(history, indent=2))
 
         # ---- 3. evaluation ---------------------------------------------------------------------------

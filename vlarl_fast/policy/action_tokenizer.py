@@ -81,6 +81,12 @@ class NormStats:
         return cls(q01=q01.tolist(), q99=q99.tolist(), mask=mask,
                    mean=actions.mean(0).tolist(), std=actions.std(0).tolist())
 
+    @classmethod
+    def identity(cls) -> "NormStats":
+        """Statistics that leave actions as they are (q01 = -1, q99 = 1): for envs whose action space is
+        already [-1, 1] and a policy that has seen no demonstrations."""
+        return cls(q01=[-1.0] * ACTION_DIM, q99=[1.0] * ACTION_DIM)
+
     def normalize(self, actions: np.ndarray) -> np.ndarray:
         a = np.asarray(actions, dtype=np.float64)
         q01, q99, mask = np.array(self.q01), np.array(self.q99), np.array(self.mask)

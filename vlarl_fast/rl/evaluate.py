@@ -2,6 +2,7 @@
 
 Each env slot is bound to one task; the (init state, repeat) jobs of that task are dealt to its
 slots, and slots step (as a batch) until every job has finished. Only busy slots are stepped.
+The first ``record`` episodes of each task keep their frames (the policy's view) for videos.
 """
 from __future__ import annotations
 
@@ -27,17 +28,34 @@ def states_per_task(tasks: list[str], init_states: int) -> dict[str, int]:
     return out
 
 
-def count_episodes(tasks: list[str], init_states: int, episodes_per_state: int) -> int:
-    return sum(states_per_task(tasks, init_states).values()) * episodes_per_state
+def episode_jobs(tasks: list[str], init_states: int, episodes_per_state: int,
+                 episodes_per_task: int | None = None) -> dict[str, list[int]]:
+    """The initial state of every evaluation episode, per task: each state ``episodes_per_state`` times,
+    or ``episodes_per_task`` episodes dealt over the states in order (state k for episode k mod n)."""
+    n_states = states_per_task(tasks, init_states)
+    if episodes_per_task is not None:
+        if episodes_per_task < 1:
+            raise ValueError(f"--episodes-per-task must be >= 1; got {episodes_per_task}")
+        return {t: [k % n_states[t] for k in range(episodes_per_task)] for t in tasks}
+    if episodes_per_state < 1:
+        raise ValueError(f"--episodes-per-state must be >= 1; got {episodes_per_state}")
+    return {t: [s for s in range(n_states[t]) for _ in range(episodes_per_state)] for t in tasks}
+
+
+def count_episodes(tasks: list[str], init_states: int, episodes_per_state: int,
+                   episodes_per_task: int | None = None) -> int:
+    return sum(len(j) for j in episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task).values())
 
 
 def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_per_state: int,
-             num_envs: int, image_size: int, seed: int, greedy: bool, temperature: float,
-             progress=None) -> dict:
+             num_envs: int, image_size: int | None, seed: int, greedy: bool, temperature: float,
+             progress=None, episodes_per_task: int | None = None, env_options: dict | None = None,
+             record: int = 0) -> dict:
     """Returns {"per_task": {task: success rate}, "success": mean over episodes, "episodes": n, "env_steps": n,
-    "per_state": {task: [success rate per initial state]}}."""
+    "per_state": {task: [success rate per initial state]}}, plus "videos": {task: [{"init_state", "success",
+    "frames" [T, H, W, 3]}]} for the first ``record`` episodes of each task."""
     n_states = states_per_task(tasks, init_states)
-    jobs: dict[str, list[int]] = {t: [s for s in range(n_states[t]) for _ in range(episodes_per_state)] for t in tasks}
+    jobs = episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task)
     num_envs = max(len(tasks), min(num_envs, sum(len(j) for j in jobs.values())))
     slot_task = [tasks[i % len(tasks)] for i in range(num_envs)]
     queues: dict[int, list[int]] = defaultdict(list)
@@ -45,23 +63,38 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
         slots = [i for i, st in enumerate(slot_task) if st == t]
         for k, s in enumerate(jobs[t]):
             queues[slots[k % len(slots)]].append(s)
-    fns = [(lambda t=t, i=i: make_env(t, image_size=image_size, seed=seed + 7919 * i)) for i, t in enumerate(slot_task)]
+    opts = dict(env_options or {})
+    fns = [(lambda t=t, i=i: make_env(t, image_size=image_size, seed=seed + 7919 * i, **opts))
+           for i, t in enumerate(slot_task)]
     venv = VectorEnv(fns, autoreset=False)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     results: dict[str, list[bool]] = {t: [] for t in tasks}
     by_state: dict[str, list[list[bool]]] = {t: [[] for _ in range(n_states[t])] for t in tasks}
     current = {}
     env_steps = 0
+    videos: dict[str, list[dict]] = {t: [] for t in tasks}
+    started = {t: 0 for t in tasks}
+    frames: dict[int, list[np.ndarray] | None] = {}
+
+    def start(i: int) -> None:
+        current[i] = queues[i].pop(0)
+        venv.reset_env(i, options={"init_state": current[i]})
+        t = slot_task[i]
+        frames[i] = [] if started[t] < record else None
+        started[t] += 1
+
     try:
         active = []
         for i in range(num_envs):
             if queues[i]:
-                current[i] = queues[i].pop(0)
-                venv.reset_env(i, options={"init_state": current[i]})
+                start(i)
                 active.append(i)
         while active:
             ids = np.array(active)
             batch = venv.observations(ids)
+            for j, i in enumerate(ids):
+                if frames[i] is not None:
+                    frames[i].append(np.array(batch["image"][j]))
             instructions = venv.instructions
             out = policy.act(batch["image"], batch["state"], [instructions[i] for i in ids],
                              temperature=temperature, greedy=greedy, generator=gen)
@@ -70,13 +103,16 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
             still = []
             for j, i in enumerate(ids):
                 if term[j] or trunc[j]:
-                    results[slot_task[i]].append(bool(info["success"][j]))
-                    by_state[slot_task[i]][current[i]].append(bool(info["success"][j]))
+                    ok = bool(info["success"][j])
+                    results[slot_task[i]].append(ok)
+                    by_state[slot_task[i]][current[i]].append(ok)
+                    if frames[i] is not None:
+                        videos[slot_task[i]].append({"init_state": current[i], "success": ok,
+                                                     "frames": np.stack(frames[i])})
                     if progress is not None:
                         progress.update(1)
                     if queues[i]:
-                        current[i] = queues[i].pop(0)
-                        venv.reset_env(i, options={"init_state": current[i]})
+                        start(i)
                         still.append(i)
                 else:
                     still.append(i)
@@ -86,5 +122,9 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
     per_task = {t: float(np.mean(v)) for t, v in results.items()}
     n = sum(len(v) for v in results.values())
     succ = float(np.mean([x for v in results.values() for x in v]))
-    per_state = {t: [float(np.mean(v)) for v in rows] for t, rows in by_state.items()}
-    return {"per_task": per_task, "success": succ, "episodes": n, "env_steps": env_steps, "per_state": per_state}
+    # a state no episode was dealt to (episodes_per_task below the number of states) has no rate
+    per_state = {t: [float(np.mean(v)) if v else None for v in rows] for t, rows in by_state.items()}
+    out = {"per_task": per_task, "success": succ, "episodes": n, "env_steps": env_steps, "per_state": per_state}
+    if record:
+        out["videos"] = videos
+    return out

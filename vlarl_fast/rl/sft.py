@@ -34,6 +34,25 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, states: np.ndarray,
+            instructions: list[str], tokens: torch.Tensor, *, augment_pad: int = 0,
+            generator: torch.Generator | None = None) -> float:
+    """One behaviour-cloning gradient step (mean token cross-entropy); returns the loss."""
+    model = policy.model
+    imgs, st = policy.to_tensor_obs(images, states)
+    if augment_pad:
+        imgs = random_shift(imgs.cpu(), augment_pad, generator).to(imgs.device)
+    text_ids, text_mask = policy.encode_prompts(instructions)
+    feats = model.encode_images(imgs)
+    logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
+    loss = -logp.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
               seed: int, fit_stats: bool = True, augment_pad: int = 0, progress=None, log=None) -> list[float]:
     """Behaviour cloning; fits q01/q99 action statistics from the data first (if asked).
@@ -57,22 +76,14 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
         tot, cnt = 0.0, 0
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
-            imgs, st = policy.to_tensor_obs(data["images"][idx], data["states"][idx])
-            imgs = random_shift(imgs.cpu(), augment_pad, gen).to(imgs.device)
-            text_ids, text_mask = policy.encode_prompts([data["instructions"][i] for i in idx])
-            feats = model.encode_images(imgs)
-            logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens[idx])
-            loss = -logp.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = bc_step(policy, opt, data["images"][idx], data["states"][idx],
+                           [data["instructions"][i] for i in idx], tokens[idx], augment_pad=augment_pad, generator=gen)
             sched.step()
-            tot += float(loss.detach()) * len(idx)
+            tot += loss * len(idx)
             cnt += len(idx)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+                progress.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
         losses.append(tot / cnt)
         if log is not None:
             log(epoch, losses[-1])

@@ -26,6 +26,7 @@ from ..kernels import gae
 from ..policy import VLAPolicy
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
+from .online_data import SuccessfulEpisodes
 from .ppo import explained_variance, normalize_advantages, normalize_advantages_grouped, ppo_losses
 
 
@@ -66,9 +67,10 @@ def freeze_below_top_layers(model, k: int) -> None:
 
 class PPOTrainer:
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
-                 curriculum: Curriculum | None = None):
+                 curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None):
         self.policy, self.envs, self.cfg = policy, envs, cfg
         self.curriculum = curriculum
+        self.recorder = recorder   # keeps successful episodes for iRe-VLA's supervised stage
         model = policy.model
         if cfg.freeze_vision:
             for p in model.vision.parameters():
@@ -103,6 +105,8 @@ class PPOTrainer:
             obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(self.obs["image"])
             buf.add(t, obs_store, torch.as_tensor(self.obs["state"]), out.tokens.cpu(), out.logprobs.cpu(),
                     out.values.cpu(), instructions)
+            if self.recorder is not None:
+                self.recorder.record(self.obs["image"], self.obs["state"], out.tokens.cpu().numpy(), instructions)
             next_obs, reward, term, trunc, info = self.envs.step(out.actions)
             if not np.isfinite(reward).all():
                 raise FloatingPointError("non-finite reward from the environment")
@@ -117,6 +121,8 @@ class PPOTrainer:
                                                           [instructions[i] for i in trunc_ids]).cpu()
             for j in np.flatnonzero(info["done"]):
                 successes.append(bool(info["success"][j]))
+                if self.recorder is not None:
+                    self.recorder.end(int(j), bool(info["success"][j]))
                 if self.curriculum is not None:
                     self.curriculum.update(info["final_task_id"][j], int(info["final_init_state"][j]),
                                            bool(info["success"][j]))

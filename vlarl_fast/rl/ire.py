@@ -1,0 +1,94 @@
+"""iRe-VLA's supervised stage, run between RL stages.
+
+RL updates only the top of the policy (``--ppo.train-layers``): a policy gradient is too noisy
+to move a whole freshly fitted model without losing its skill. The supervised stage is how the
+rest of the model (vision tower included) learns from online experience: behaviour cloning on
+the expert demonstrations plus the policy's own successful episodes, a stable loss whichever
+parameters it touches. Each batch takes ``online_fraction`` of its rows from the successful
+episodes and the rest from the demonstrations, so the new data carries weight as soon as there
+is any and the demonstrations keep anchoring what RL has not visited yet.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from ..policy import VLAPolicy
+from .sft import bc_step
+
+
+@contextmanager
+def all_trainable_but_value(model):
+    """Unfreeze every parameter but the value head for the stage; restore the RL flags after."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    value_ids = {id(p) for p in model.value_head.parameters()}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) not in value_ids)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+class SupervisedStage:
+    def __init__(self, policy: VLAPolicy, expert: dict | None, *, steps: int, batch_size: int, learning_rate: float,
+                 online_fraction: float, weight_decay: float = 0.01, seed: int = 0):
+        if steps < 0 or batch_size <= 0:
+            raise ValueError(f"the supervised stage needs steps >= 0 and batch_size > 0; got {steps}, {batch_size}")
+        if not 0.0 <= online_fraction <= 1.0:
+            raise ValueError(f"--ire.online-fraction must be in [0, 1]; got {online_fraction}")
+        self.policy = policy
+        self.expert = expert
+        # demonstration labels are tokenised once with the statistics SFT fitted
+        self.expert_tokens = None if expert is None else policy.tokens_from_actions(expert["actions"]).cpu()
+        self.steps, self.batch_size, self.online_fraction = steps, batch_size, online_fraction
+        self.lr, self.weight_decay = learning_rate, weight_decay
+        self.rng = np.random.default_rng(seed)
+        self.optimizer: torch.optim.Optimizer | None = None   # kept across stages (Adam moments stay warm)
+        self.stages = 0
+
+    def _split(self, n_online_rows: int) -> tuple[int, int]:
+        """Rows per batch from (online, expert)."""
+        if n_online_rows == 0:
+            return 0, self.batch_size
+        if self.expert is None:
+            return self.batch_size, 0
+        k = int(round(self.batch_size * self.online_fraction))
+        return k, self.batch_size - k
+
+    def run(self, online: dict | None) -> dict:
+        """``self.steps`` behaviour-cloning steps on demonstrations + ``online`` (``SuccessfulEpisodes.arrays()``)."""
+        n_on = 0 if online is None else len(online["tokens"])
+        if n_on == 0 and self.expert is None:
+            return {"loss": float("nan"), "online_steps": 0, "steps": 0}
+        k_on, k_ex = self._split(n_on)
+        pol, model = self.policy, self.policy.model
+        online_tokens = None if online is None else torch.as_tensor(online["tokens"])
+        losses = []
+        with all_trainable_but_value(model):
+            if self.optimizer is None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            model.train()
+            for _ in range(self.steps):
+                parts = []
+                if k_on:
+                    i = self.rng.integers(n_on, size=k_on)
+                    parts.append((online["images"][i], online["states"][i], [online["instructions"][j] for j in i],
+                                  online_tokens[i]))
+                if k_ex:
+                    i = self.rng.integers(len(self.expert_tokens), size=k_ex)
+                    parts.append((self.expert["images"][i], self.expert["states"][i],
+                                  [self.expert["instructions"][j] for j in i], self.expert_tokens[i]))
+                images = np.concatenate([p[0] for p in parts])
+                states = np.concatenate([p[1] for p in parts]).astype(np.float32)
+                instructions = [s for p in parts for s in p[2]]
+                tokens = torch.cat([p[3] for p in parts])
+                losses.append(bc_step(pol, self.optimizer, images, states, instructions, tokens))
+            model.eval()
+        self.stages += 1
+        return {"loss": float(np.mean(losses)) if losses else float("nan"), "online_steps": n_on,
+                "steps": len(losses)}

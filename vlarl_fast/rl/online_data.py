@@ -1,0 +1,55 @@
+"""iRe-VLA's online data: the successful episodes the policy itself produced during RL.
+
+Each environment slot of the rollout keeps its current episode (image, proprio state, the 7
+sampled action tokens, instruction); when the episode ends in success it joins the dataset,
+otherwise it is dropped. The dataset is bounded in steps: the oldest episodes leave first, so
+the supervised stage learns from what the recent policy can do.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+class SuccessfulEpisodes:
+    def __init__(self, num_envs: int, capacity_steps: int = 30_000):
+        if capacity_steps <= 0:
+            raise ValueError(f"capacity_steps must be > 0; got {capacity_steps}")
+        self.capacity_steps = capacity_steps
+        self._open: list[list[tuple]] = [[] for _ in range(num_envs)]
+        self.episodes: deque[dict] = deque()
+        self.steps = 0
+        self.kept = 0        # successful episodes ever kept (including ones since evicted)
+
+    def record(self, images: np.ndarray, states: np.ndarray, tokens: np.ndarray, instructions: list[str]) -> None:
+        """One rollout step of every slot: the observation the action was chosen from, and its tokens."""
+        if len(instructions) != len(self._open):
+            raise ValueError(f"expected {len(self._open)} slots, got {len(instructions)}")
+        # one copy per step: the vector env may reuse its observation buffers
+        images, states, tokens = np.array(images), np.array(states), np.array(tokens)
+        for i, slot in enumerate(self._open):
+            slot.append((images[i], states[i], tokens[i], instructions[i]))
+
+    def end(self, slot: int, success: bool) -> None:
+        """The episode in ``slot`` finished (its last step was recorded already)."""
+        steps, self._open[slot] = self._open[slot], []
+        if not success or not steps:
+            return
+        self.episodes.append({
+            "images": np.stack([s[0] for s in steps]), "states": np.stack([s[1] for s in steps]).astype(np.float32),
+            "tokens": np.stack([s[2] for s in steps]).astype(np.int64), "instruction": steps[0][3]})
+        self.steps += len(steps)
+        self.kept += 1
+        while self.steps > self.capacity_steps and len(self.episodes) > 1:
+            self.steps -= len(self.episodes.popleft()["tokens"])
+
+    def arrays(self) -> dict | None:
+        """Flat per-step arrays (images, states, tokens, instructions), or None while empty."""
+        if not self.episodes:
+            return None
+        eps = list(self.episodes)
+        return {"images": np.concatenate([e["images"] for e in eps]),
+                "states": np.concatenate([e["states"] for e in eps]),
+                "tokens": np.concatenate([e["tokens"] for e in eps]),
+                "instructions": [e["instruction"] for e in eps for _ in range(len(e["tokens"]))]}
