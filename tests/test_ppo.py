@@ -93,3 +93,15 @@ def test_train_layers_freezes_all_but_the_top_of_the_policy():
     assert not any(n.startswith(("vision", "projector", "lm.model.layers.1.")) for n in trainable)
     with pytest.raises(ValueError, match="train-layers must be in"):
         freeze_below_top_layers(model, 4)
+
+
+def test_lora_trains_only_adapters_and_critic():
+    from vlarl_fast.config import PPOConfig
+    from vlarl_fast.policy.checkpoint import make_policy
+    from vlarl_fast.rl.trainer import train_lora_only
+    model = make_policy("tiny", instructions=["reach"], hidden_size=32, num_layers=2).model
+    train_lora_only(model, PPOConfig(lora_rank=4, lora_targets=("q_proj", "v_proj")))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any(n.startswith("value_head") for n in trainable)
+    assert all("lora_" in n or n.startswith("value_head") for n in trainable)
+    assert sum("lora_A" in n for n in trainable) == 2 * 2

@@ -131,6 +131,15 @@ class PPOConfig:
     """Train only this many top LM layers (plus the final norm and the LM head) during RL, as iRe-VLA keeps
     the backbone frozen in its RL stage; 0 trains the whole policy (but the vision tower if freeze_vision).
     On the tabletop default, training the whole LM lost skill to gradient noise (+2.3 points vs +4.5)."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank on every layer of the language model instead (0: off); with LoRA only
+    the adapters and the value head learn in RL, and --ppo.train-layers does not apply."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator (the update is B A * alpha / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Linear layers of the language model that get adapters."""
     freeze_vision: bool = True
     """Keep the vision tower frozen during RL (its features are cached from the rollout)."""
     curriculum: bool = True

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .action_tokenizer import NormStats
 from .atomic_dir import atomic_directory
+from .lora import base_state_dict, load_adapter, save_adapter
 from .model import TinyVLA, VLAConfig
 from .policy import VLAPolicy
 from .text_tokenizer import build_tokenizer
@@ -44,11 +45,19 @@ def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None =
         return save_openvla(policy.model, policy.tokenizer, path, norm_stats=stats,
                             image_processor=policy.model.image_processor, extra=extra)
     path = Path(path)
+    from .hf_vlm import HFVLAModel, save_hf_vlm
+    if isinstance(policy.model, HFVLAModel):
+        with atomic_directory(path) as tmp:
+            save_hf_vlm(policy.model, policy.tokenizer, tmp)
+            if policy.norm_stats is not None:
+                policy.norm_stats.save(tmp / STATS)
+        return path
     with atomic_directory(path) as tmp:
         cfg = policy.config.to_dict()
         (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}}, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in policy.model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in base_state_dict(policy.model.state_dict()).items()}
         save_file(state, str(tmp / WEIGHTS))
+        save_adapter(policy.model, tmp)
         policy.tokenizer.save_pretrained(str(tmp))
         if policy.norm_stats is not None:
             policy.norm_stats.save(tmp / STATS)
@@ -67,6 +76,11 @@ def load_policy(path: str | os.PathLike, device="cpu", *, unnorm_key: str | None
     if unnorm_key is not None:
         raise CheckpointError(f"unnorm_key={unnorm_key!r} is for OpenVLA checkpoints; {path} is not one "
                               "(vlarl-fast checkpoints hold one set of action statistics)")
+    from .hf_vlm import is_hf_vlm_checkpoint, load_hf_vlm
+    if path.is_dir() and is_hf_vlm_checkpoint(path):
+        model, tok = load_hf_vlm(path, device=device, dtype=dtype)
+        stats = NormStats.load(path / STATS) if (path / STATS).exists() else None
+        return VLAPolicy(model, tok, stats, device=device)
     if not path.is_dir():
         raise CheckpointError(f"policy {str(path)!r} is neither a checkpoint directory nor a preset "
                               f"(presets: {', '.join(PRESETS)})")
@@ -90,6 +104,7 @@ def load_policy(path: str | os.PathLike, device="cpu", *, unnorm_key: str | None
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     tok.padding_side = "left"
     stats = NormStats.load(path / STATS) if (path / STATS).exists() else None
+    load_adapter(model, path)
     model.eval()
     return VLAPolicy(model, tok, stats, device=device)
 

@@ -78,6 +78,22 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def insert_after_bos(text: torch.Tensor, text_mask: torch.Tensor, patches: torch.Tensor):
+    """OpenVLA's layout for left-padded rows: [pad..., BOS, prompt...] text embeddings [B, L, H] and image
+    tokens [B, P, H] -> [pad..., BOS, patches, prompt...] embeddings, attention mask and positions."""
+    B, L, _ = text.shape
+    P = patches.shape[1]
+    seq = torch.cat([text, patches.to(text.dtype)], 1)  # text columns 0..L-1, patches L..L+P-1
+    n_pad = (text_mask == 0).sum(1, keepdim=True)
+    idx = torch.arange(L + P, device=text.device)[None].expand(B, L + P)
+    # output column j: pads and BOS keep their text column, then the patches, then the prompt moved right by P
+    src = torch.where(idx <= n_pad, idx, torch.where(idx <= n_pad + P, L + idx - n_pad - 1, idx - P))
+    seq = seq.gather(1, src[..., None].expand(B, L + P, seq.shape[-1]))
+    mask = (idx >= n_pad).to(text_mask.dtype)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return seq, mask, pos
+
+
 def make_value_head(hidden_size: int, value_hidden: int) -> nn.Sequential:
     """hidden -> tanh MLP -> 1. The last layer starts at zero: the critic predicts 0 for every state
     until trained, so the first advantages are the plain returns rather than noise from a random head."""

@@ -65,6 +65,18 @@ def freeze_below_top_layers(model, k: int) -> None:
             p.requires_grad_(False)
 
 
+def train_lora_only(model, cfg: PPOConfig) -> None:
+    """LoRA adapters on the language model (added unless the checkpoint brought them) and the value head are
+    all that learn."""
+    from ..policy.lora import add_lora, has_lora
+    if not has_lora(model):
+        add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                 targets=tuple(cfg.lora_targets))
+    value_ids = {id(p) for p in model.value_head.parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or id(p) in value_ids)
+
+
 class PPOTrainer:
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
                  curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None):
@@ -75,7 +87,9 @@ class PPOTrainer:
         if cfg.freeze_vision:
             for p in model.vision.parameters():
                 p.requires_grad_(False)
-        if cfg.train_layers > 0:
+        if cfg.lora_rank > 0:
+            train_lora_only(model, cfg)
+        elif cfg.train_layers > 0:
             freeze_below_top_layers(model, cfg.train_layers)
         value_params = list(model.value_head.parameters())
         value_ids = {id(p) for p in value_params}

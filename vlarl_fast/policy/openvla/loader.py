@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 
 from ..action_tokenizer import ACTION_DIM, NormStats
 from ..checkpoint import CheckpointError
+from ..lora import load_adapter
 from .config import MODEL_TYPE, OpenVLAConfig
 from .model import OpenVLAModel
 from .names import MappingError, from_openvla
@@ -244,5 +245,6 @@ def load_openvla(path: str | os.PathLike, *, unnorm_key: str | None = None, devi
     model.image_processor = processor
     model.to(device)
     read_value_head(model, path, value_hidden, value_detach)
+    load_adapter(model, path)
     model.eval()
     return OpenVLABundle(model, tokenizer, config, processor, stats, key, path)

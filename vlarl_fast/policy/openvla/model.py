@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..protocol import make_value_head
+from ..protocol import insert_after_bos, make_value_head
 from .config import OpenVLAConfig
 from .preprocess import ImageProcessor
 from .prompt import prompt_ids
@@ -105,21 +105,10 @@ class OpenVLAModel(nn.Module):
                       text_mask: torch.Tensor):
         """Left-padded [pad..., BOS, prompt..., '▁'] ids -> left-padded [pad..., BOS, patches, prompt..., '▁']
         embeddings, mask and positions. OpenVLA has no proprio input: ``states`` is ignored."""
-        B, L = text_ids.shape
+        B = text_ids.shape[0]
         if vision_feats.shape[0] != B:
             raise ValueError(f"{vision_feats.shape[0]} images for {B} prompts: OpenVLA takes one image per prompt")
-        patches = self.project_images(vision_feats)
-        text = self.embed_tokens(text_ids)
-        P = patches.shape[1]
-        seq = torch.cat([text, patches.to(text.dtype)], 1)  # text columns 0..L-1, patches L..L+P-1
-        n_pad = (text_mask == 0).sum(1, keepdim=True)
-        idx = torch.arange(L + P, device=text.device)[None].expand(B, L + P)
-        # output column j: pads and BOS keep their text column, then the patches, then the prompt moved right by P
-        src = torch.where(idx <= n_pad, idx, torch.where(idx <= n_pad + P, L + idx - n_pad - 1, idx - P))
-        seq = seq.gather(1, src[..., None].expand(B, L + P, seq.shape[-1]))
-        mask = (idx >= n_pad).to(text_mask.dtype)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        return seq, mask, pos
+        return insert_after_bos(self.embed_tokens(text_ids), text_mask, self.project_images(vision_feats))
 
     def value_from_hidden(self, h_last: torch.Tensor) -> torch.Tensor:
         if self.value_head is None:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..action_tokenizer import NormStats
 from ..atomic_dir import atomic_directory
+from ..lora import base_state_dict, save_adapter
 from .loader import CONFIG, PREPROCESSOR, STATS, VALUE_HEAD_FILE, WEIGHTS, WEIGHTS_INDEX
 from .model import OpenVLAModel
 from .names import to_openvla
@@ -54,7 +55,7 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
     path = Path(path)
     config = model.config
     stats = {k: stats_entry(v) for k, v in (norm_stats or {}).items()} or config.norm_stats
-    tensors = to_openvla(model.openvla_state_dict(), config)
+    tensors = to_openvla(base_state_dict(model.openvla_state_dict()), config)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
 
@@ -80,6 +81,7 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
             (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                          "weight_map": weight_map}, indent=2))
         tokenizer.save_pretrained(str(tmp))
+        save_adapter(model, tmp)
         if stats:
             (tmp / STATS).write_text(json.dumps(stats, indent=2))
         if model.value_head is not None:
