@@ -120,3 +120,8 @@ def test_stage_batch_split_and_empty_data(policy):
     assert all(torch.equal(a, b) for a, b in zip(params, policy.model.parameters()))
     with pytest.raises(ValueError, match="--ire.online-fraction"):
         SupervisedStage(policy, None, steps=1, batch_size=10, learning_rate=1e-4, online_fraction=1.5)
+
+
+def test_balanced_online_rows_give_every_task_the_same_share():
+    w = SupervisedStage._row_weights(["a"] * 9 + ["b"])
+    assert w[:9].sum() == pytest.approx(0.5) and w[9] == pytest.approx(0.5)

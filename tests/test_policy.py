@@ -92,3 +92,22 @@ def test_not_a_checkpoint(tmp_path):
 def test_wrong_image_size_is_explained(policy):
     with pytest.raises(ValueError, match="image_size=64"):
         policy.act(np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 8), np.float32), [INSTR[0]])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from vlarl_fast.policy.protocol import enable_gradient_checkpointing
+    grads = []
+    for ckpt in (False, True):
+        p = make_policy("tiny", instructions=INSTR, seed=0, hidden_size=32, num_layers=2)
+        if ckpt:
+            enable_gradient_checkpointing(p.model)
+        p.model.train()
+        imgs, st = _obs(3)
+        ids, mask = p.encode_prompts([INSTR[i % 2] for i in range(3)])
+        tokens = torch.full((3, 7), p.model.vocab_start + 5)
+        lp, _, _ = p.evaluate_actions(p.encode_images(imgs), torch.as_tensor(st), ids, mask, tokens)
+        lp.sum().backward()
+        grads.append({n: q.grad.clone() for n, q in p.model.named_parameters() if q.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)

@@ -61,6 +61,9 @@ class PolicyConfig:
     """LM width of the 'tiny' preset."""
     num_layers: int = 4
     """LM depth of the 'tiny' preset."""
+    gradient_checkpointing: bool = False
+    """Recompute the language model's activations in the backward pass instead of keeping them (less memory,
+    about a third more compute): for large backbones on a GPU."""
 
 
 @dataclass
@@ -169,6 +172,9 @@ class IReConfig:
     """Share of each batch drawn from the policy's own successful episodes; the rest are expert demonstrations."""
     capacity: int = 30_000
     """Environment steps of successful episodes kept (the oldest episodes leave first)."""
+    balance_tasks: bool = False
+    """Draw the online rows so that every task has the same share (rare successes of hard tasks count as
+    much as the many of easy ones); False: uniformly over the online steps."""
 
 
 @dataclass

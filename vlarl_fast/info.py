@@ -12,8 +12,8 @@ import platform
 import re
 import sys
 
-PACKAGES = ["torch", "transformers", "mujoco", "gymnasium", "numpy", "triton", "tyro", "pybind11", "torchvision",
-            "flash-attn", "ray", "hf-libero", "libero", "robosuite"]
+PACKAGES = ["torch", "transformers", "mujoco", "gymnasium", "numpy", "triton", "tyro", "peft", "pybind11",
+            "torchvision", "flash-attn", "ray", "hf-libero", "libero", "robosuite"]
 ALWAYS_SHOWN = ("torch", "transformers", "mujoco", "gymnasium", "numpy", "triton")
 ENV_VARS = ["MUJOCO_GL", "PYOPENGL_PLATFORM", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "LP_NUM_THREADS",
             "VLARL_LIBERO_ASSETS", "VLARL_DISABLE_EXT"]

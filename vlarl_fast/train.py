@@ -14,6 +14,7 @@ import torch
 from .config import TrainConfig, resolve_env
 from .envs import VectorEnv, get_task, list_tasks, make_env
 from .policy import NormStats, make_policy, save_policy
+from .policy.protocol import enable_gradient_checkpointing
 from .report import plot_success, success_table, write_json_atomic
 
 
@@ -110,6 +111,8 @@ def train(cfg: TrainConfig) -> dict:
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
                          device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers)
+    if cfg.policy.gradient_checkpointing:
+        enable_gradient_checkpointing(policy.model)
     if cfg.skip_sft and policy.norm_stats is None and cfg.env.benchmark == "libero":
         # LIBERO's controller takes normalised deltas in [-1, 1]: a fresh policy acts in that space directly
         policy.norm_stats = NormStats.identity()
@@ -174,7 +177,8 @@ def train(cfg: TrainConfig) -> dict:
             recorder = SuccessfulEpisodes(cfg.env.num_envs, cfg.ire.capacity)
             stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
                                     learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
-                                    weight_decay=cfg.sft.weight_decay, seed=cfg.seed)
+                                    weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
+                                    balance_tasks=cfg.ire.balance_tasks)
         envs = VectorEnv(fns, reset_options=None if curriculum is None else
                          (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
         try:

@@ -57,10 +57,10 @@ def _parts(vlm):
     inner = getattr(vlm, "model", None)
     missing = [n for n in ("vision_tower", "multi_modal_projector", "language_model", "get_image_features")
                if not hasattr(inner, n)]
-    if missing or not hasattr(vlm, "lm_head"):
+    missing = [f"model.{n}" for n in missing] + ([] if hasattr(vlm, "lm_head") else ["lm_head"])
+    if missing:
         raise TypeError(f"{type(vlm).__name__} is not a supported image-text-to-text model: it lacks "
-                        f"model.{', model.'.join(missing) or ''}{' and lm_head' if not hasattr(vlm, 'lm_head') else ''} "
-                        "(LLaVA- and PaliGemma-style models have them)")
+                        f"{', '.join(missing)} (LLaVA- and PaliGemma-style models have them)")
     return inner
 
 

@@ -101,3 +101,15 @@ def make_value_head(hidden_size: int, value_hidden: int) -> nn.Sequential:
     nn.init.zeros_(head[-1].weight)
     nn.init.zeros_(head[-1].bias)
     return head
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing in the language model (transformers' own, non-reentrant)."""
+    dec = model.decoder
+    kwargs = {"use_reentrant": False}
+    if hasattr(dec, "activation_checkpointing_enable"):   # transformers >= 5.x's name
+        dec.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(dec, "gradient_checkpointing_enable"):
+        dec.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(dec).__name__} has no gradient checkpointing (transformers *Model decoders have it)")

@@ -35,7 +35,7 @@ def all_trainable_but_value(model):
 
 class SupervisedStage:
     def __init__(self, policy: VLAPolicy, expert: dict | None, *, steps: int, batch_size: int, learning_rate: float,
-                 online_fraction: float, weight_decay: float = 0.01, seed: int = 0):
+                 online_fraction: float, weight_decay: float = 0.01, seed: int = 0, balance_tasks: bool = False):
         if steps < 0 or batch_size <= 0:
             raise ValueError(f"the supervised stage needs steps >= 0 and batch_size > 0; got {steps}, {batch_size}")
         if not 0.0 <= online_fraction <= 1.0:
@@ -46,6 +46,7 @@ class SupervisedStage:
         self.expert_tokens = None if expert is None else policy.tokens_from_actions(expert["actions"]).cpu()
         self.steps, self.batch_size, self.online_fraction = steps, batch_size, online_fraction
         self.lr, self.weight_decay = learning_rate, weight_decay
+        self.balance_tasks = balance_tasks
         self.rng = np.random.default_rng(seed)
         self.optimizer: torch.optim.Optimizer | None = None   # kept across stages (Adam moments stay warm)
         self.stages = 0
@@ -59,6 +60,14 @@ class SupervisedStage:
         k = int(round(self.batch_size * self.online_fraction))
         return k, self.batch_size - k
 
+    @staticmethod
+    def _row_weights(instructions: list[str]) -> np.ndarray:
+        """Sampling weights giving every task (instruction) the same share of the online rows, so the rare
+        successes of a hard task are not drowned by the many short ones of an easy task."""
+        names, inverse, counts = np.unique(np.asarray(instructions), return_inverse=True, return_counts=True)
+        w = 1.0 / counts[inverse]
+        return w / w.sum()
+
     def run(self, online: dict | None) -> dict:
         """``self.steps`` behaviour-cloning steps on demonstrations + ``online`` (``SuccessfulEpisodes.arrays()``)."""
         n_on = 0 if online is None else len(online["tokens"])
@@ -67,6 +76,7 @@ class SupervisedStage:
         k_on, k_ex = self._split(n_on)
         pol, model = self.policy, self.policy.model
         online_tokens = None if online is None else torch.as_tensor(online["tokens"])
+        p_online = self._row_weights(online["instructions"]) if n_on and self.balance_tasks else None
         losses = []
         with all_trainable_but_value(model):
             if self.optimizer is None:
@@ -76,7 +86,7 @@ class SupervisedStage:
             for _ in range(self.steps):
                 parts = []
                 if k_on:
-                    i = self.rng.integers(n_on, size=k_on)
+                    i = self.rng.choice(n_on, size=k_on, p=p_online)
                     parts.append((online["images"][i], online["states"][i], [online["instructions"][j] for j in i],
                                   online_tokens[i]))
                 if k_ex:
