@@ -153,7 +153,8 @@ def cmd_eval(args: list[str]) -> int:
         res = evaluate(policy, tasks, init_states=cfg.init_states, episodes_per_state=per_state,
                        episodes_per_task=cfg.episodes_per_task, num_envs=env.num_envs,
                        image_size=policy.config.image_size, seed=cfg.seed, greedy=cfg.greedy,
-                       temperature=cfg.temperature, progress=bar, env_options=env_options, record=cfg.videos)
+                       temperature=cfg.temperature, progress=bar, env_options=env_options, record=cfg.videos,
+                       backend=env.backend)
     console = Console()
     console.print(success_table(None, res, title=f"Success per task ({cfg.policy})"))
     videos = res.pop("videos", {})

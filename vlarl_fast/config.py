@@ -31,10 +31,16 @@ class EnvConfig:
     """Environments stepped together per rollout batch (0: tabletop 48, LIBERO 8)."""
     max_episode_steps: int | None = None
     """Episode limit instead of each task's own (quick checks; not for benchmark numbers)."""
+    backend: Literal["auto", "inprocess", "process"] = "auto"
+    """Where envs step: 'process' = the C++-backed worker-process manager (one process per env, render
+    devices balanced over the GPUs); 'inprocess' = the calling process. 'auto': LIBERO process, tabletop
+    in-process (its envs step in a millisecond, less than a round trip to a worker costs the trainer)."""
 
 
-ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 48},
-                "libero": {"suite": "libero_spatial", "image_size": 224, "reward": "sparse", "num_envs": 8}}
+ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 48,
+                             "backend": "inprocess"},
+                "libero": {"suite": "libero_spatial", "image_size": 224, "reward": "sparse", "num_envs": 8,
+                           "backend": "process"}}
 
 
 def resolve_env(env: EnvConfig) -> EnvConfig:
@@ -49,8 +55,9 @@ def resolve_env(env: EnvConfig) -> EnvConfig:
     reward = env.reward or d["reward"]
     if env.benchmark == "libero" and reward != "sparse":
         raise ValueError("LIBERO has only the sparse success reward: drop --env.reward or set it to sparse")
+    backend = d["backend"] if env.backend == "auto" else env.backend
     return dataclasses.replace(env, suite=suite, image_size=env.image_size or d["image_size"], reward=reward,
-                               num_envs=env.num_envs or d["num_envs"])
+                               num_envs=env.num_envs or d["num_envs"], backend=backend)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
         return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
                         num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
                         greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar,
-                        env_options=env_options(cfg))
+                        env_options=env_options(cfg), backend=cfg.env.backend)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -179,7 +179,7 @@ def train(cfg: TrainConfig) -> dict:
                                     learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
                                     weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
                                     balance_tasks=cfg.ire.balance_tasks)
-        envs = VectorEnv(fns, reset_options=None if curriculum is None else
+        envs = VectorEnv(fns, backend=cfg.env.backend, reset_options=None if curriculum is None else
                          (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder)
