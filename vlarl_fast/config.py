@@ -169,19 +169,21 @@ class IReConfig:
     every: int = 10
     """Run iRe-VLA's supervised stage after every N PPO iterations (and so after the last one when N divides
     the iteration count); 0: PPO only."""
-    steps: int = 150
-    """Behaviour-cloning gradient steps per supervised stage (the whole policy, vision tower included)."""
+    steps: int = 400
+    """Behaviour-cloning gradient steps per supervised stage (the whole policy, vision tower included). From the
+    same SFT start (29.0%): PPO alone +4.8 points, stages of 150 steps +5.8, of 400 steps +8.2."""
     batch_size: int = 64
     """Steps per gradient update of the supervised stage."""
     learning_rate: float = 1e-4
     """AdamW learning rate of the supervised stage (kept across stages)."""
-    online_fraction: float = 0.5
+    online_fraction: float = 0.75
     """Share of each batch drawn from the policy's own successful episodes; the rest are expert demonstrations."""
     capacity: int = 30_000
     """Environment steps of successful episodes kept (the oldest episodes leave first)."""
-    balance_tasks: bool = False
+    balance_tasks: bool = True
     """Draw the online rows so that every task has the same share (rare successes of hard tasks count as
-    much as the many of easy ones); False: uniformly over the online steps."""
+    much as the many of easy ones: +9.2 points against +8.2 uniformly, with push and place_two up);
+    False: uniformly over the online steps."""
 
 
 @dataclass
