@@ -15,7 +15,7 @@ import tarfile
 import numpy as np
 import pytest
 from _timing import record
-from test_bench_vector import CORES, _gym_async, _rate
+from test_bench_vector import CORES, _rate, gym_async_rate
 
 from vlarl_fast._ext import EXT_AVAILABLE
 from vlarl_fast.envs import VectorEnv
@@ -80,12 +80,7 @@ def test_libero_steps_per_second(benchmark, assets, size, num_envs):
         obs = benchmark.pedantic(lambda: v.step(acts), rounds=3, iterations=1)[0]
         assert obs["image"].shape == (num_envs, size, size, 3)
         sync = _rate(lambda: v.step(acts), num_envs, steps)
-    g = _gym_async(_fns(num_envs, size, assets))
-    try:
-        g.reset(seed=0)
-        gym_rate = _rate(lambda: g.step(acts), num_envs, steps)
-    finally:
-        g.close()
+    gym_rate = gym_async_rate(_fns(num_envs, size, assets), acts, steps)
     if benchmark.disabled:
         return
     limit = _single_env_rate(size, 2 * steps, assets) * min(CORES, num_envs)
