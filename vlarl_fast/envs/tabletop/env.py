@@ -64,7 +64,9 @@ def _close_renderers() -> None:
         try:
             r.close()
         except Exception:
-            pass
+            # the GL library was shut down first (another backend's exit hook): nothing is left to free, and
+            # the renderer's own __del__ must not try again and print an error at interpreter exit
+            r._gl_context = None
 
 
 def _yaw_quat(yaw: float) -> np.ndarray:
