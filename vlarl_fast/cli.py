@@ -132,6 +132,7 @@ def eval_env(cfg: EvalCommand):
 def cmd_eval(args: list[str]) -> int:
     from rich.console import Console
 
+    from .config import env_options
     from .envs import get_task
     from .policy import make_policy
     from .report import plot_task_success, success_table, write_json_atomic, write_videos
@@ -148,12 +149,11 @@ def cmd_eval(args: list[str]) -> int:
         n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    env_options = {} if cfg.max_episode_steps is None else {"max_episode_steps": cfg.max_episode_steps}
     with _bar(n, "eval", cfg.progress) as bar:
         res = evaluate(policy, tasks, init_states=cfg.init_states, episodes_per_state=per_state,
                        episodes_per_task=cfg.episodes_per_task, num_envs=env.num_envs,
                        image_size=policy.config.image_size, seed=cfg.seed, greedy=cfg.greedy,
-                       temperature=cfg.temperature, progress=bar, env_options=env_options, record=cfg.videos,
+                       temperature=cfg.temperature, progress=bar, env_options=env_options(env), record=cfg.videos,
                        backend=env.backend)
     console = Console()
     console.print(success_table(None, res, title=f"Success per task ({cfg.policy})"))

@@ -44,6 +44,11 @@ ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "d
                            "backend": "process"}}
 
 
+def env_options(env: EnvConfig) -> dict:
+    """The keyword options every env of a run is made with (beyond task, image size, reward and seed)."""
+    return {} if env.max_episode_steps is None else {"max_episode_steps": env.max_episode_steps}
+
+
 def resolve_env(env: EnvConfig) -> EnvConfig:
     """Fill the benchmark's defaults into the unset fields, and check the suite belongs to the benchmark."""
     from .envs.registry import LIBERO_SUITES, SUITES

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, resolve_env
+from .config import TrainConfig, env_options, resolve_env
 from .envs import VectorEnv, get_task, list_tasks, make_env
 from .policy import NormStats, make_policy, save_policy
 from .policy.protocol import enable_gradient_checkpointing
@@ -35,10 +35,6 @@ def prepare_output_dir(path: str) -> Path:
         raise SystemExit(f"error: cannot write to output directory {str(out)!r} ({e.strerror}); "
                          "choose another with --output-dir") from None
     return out
-
-
-def env_options(cfg: TrainConfig) -> dict:
-    return {} if cfg.env.max_episode_steps is None else {"max_episode_steps": cfg.env.max_episode_steps}
 
 
 def resolve_tasks(cfg: TrainConfig) -> list[str]:
@@ -79,7 +75,7 @@ def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
         return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
                         num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
                         greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar,
-                        env_options=env_options(cfg), backend=cfg.env.backend)
+                        env_options=env_options(cfg.env), backend=cfg.env.backend)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -159,7 +155,7 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         slot_task = [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
         fns = [(lambda t=t, i=i: make_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                          seed=cfg.seed * 1000 + i, **env_options(cfg)))
+                                          seed=cfg.seed * 1000 + i, **env_options(cfg.env)))
                for i, t in enumerate(slot_task)]
         curriculum = None
         if cfg.ppo.curriculum:
