@@ -98,15 +98,17 @@ class SFTConfig:
     """Random-shift image augmentation: pad by this many pixels and crop back (0: off)."""
     batch_size: int = 64
     """Steps per gradient update."""
-    learning_rate: float = 1e-3
-    """AdamW learning rate (cosine decay to 10%)."""
+    learning_rate: float = 2e-3
+    """AdamW learning rate (after the warm-up, cosine decay to 10%)."""
+    warmup_steps: int = 100
+    """Gradient steps of linear learning-rate warm-up."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
 
 
 @dataclass
 class PPOConfig:
-    iterations: int = 40
+    iterations: int = 45
     """PPO iterations (each: a rollout of num_steps x num_envs env steps, then the update)."""
     num_steps: int = 32
     """Environment steps per env per iteration (the rollout horizon T)."""
@@ -172,7 +174,7 @@ class PPOConfig:
 
 @dataclass
 class IReConfig:
-    every: int = 10
+    every: int = 9
     """Run iRe-VLA's supervised stage after every N PPO iterations (and so after the last one when N divides
     the iteration count); 0: PPO only."""
     steps: int = 400

@@ -133,7 +133,8 @@ def train(cfg: TrainConfig) -> dict:
         with _bar(steps, "sft", cfg.progress) as bar:
             losses = sft_train(policy, data, epochs=cfg.sft.epochs, batch_size=cfg.sft.batch_size,
                                lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
-                               augment_pad=cfg.sft.augment_pad, progress=bar,
+                               augment_pad=cfg.sft.augment_pad, warmup_steps=cfg.sft.warmup_steps,
+                               progress=bar,
                                log=lambda e, l: logger.scalars("sft", {"loss": l}, e))
         timings["sft_s"] = time.perf_counter() - t0
         console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "

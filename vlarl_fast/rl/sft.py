@@ -53,9 +53,20 @@ def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, s
     return float(loss.detach())
 
 
+def lr_factor(step: int, total: int, warmup_steps: int = 0, floor: float = 0.1) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up, then cosine decay to ``floor``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total - warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
 def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
-              seed: int, fit_stats: bool = True, augment_pad: int = 0, progress=None, log=None) -> list[float]:
+              seed: int, fit_stats: bool = True, augment_pad: int = 0, warmup_steps: int = 0, progress=None,
+              log=None) -> list[float]:
     """Behaviour cloning; fits q01/q99 action statistics from the data first (if asked).
+
+    The learning rate rises linearly over ``warmup_steps``, then decays by a cosine to 10%.
 
     Returns the mean loss per epoch."""
     if fit_stats or policy.norm_stats is None:
@@ -67,7 +78,7 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n / batch_size)
     total = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     losses = []
