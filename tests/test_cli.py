@@ -19,6 +19,19 @@ def test_help_lists_options(capsys):
         assert opt in out
 
 
+def test_separate_critic_trains_saves_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--output-dir", str(out), "--progress", "False",
+                 "--ppo.critic", "separate", "--ppo.value-pooling", "mean"]) == 0
+    final = out / "checkpoints" / "final"
+    assert json.loads((final / "critic.json").read_text())["critic"] == "separate"
+    pol = load_policy(final)
+    assert (pol.critic_kind, pol.value_pooling) == ("separate", "mean") and pol.critic is not None
+    assert main(["train", "--preset", "smoke", "--output-dir", str(tmp_path / "again"), "--progress", "False",
+                 "--skip-sft", "True", "--policy.policy", str(final), "--ppo.critic", "separate",
+                 "--ppo.value-pooling", "mean", "--ppo.iterations", "1"]) == 0
+
+
 def test_unknown_command(capsys):
     assert main(["fly"]) == 2
     assert "unknown command" in capsys.readouterr().err
@@ -116,3 +129,10 @@ def test_train_on_libero_needs_a_checkpoint(tmp_path):
         main(["train", "--env", "libero", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a tabletop suite"):
         main(["train", "--suite", "nope", "--output-dir", str(tmp_path)])
+
+
+def test_attention_kernel_that_cannot_run_is_explained(tmp_path, capsys):
+    code = main(["train", "--preset", "smoke", "--policy.attn-implementation", "flash_attention_2",
+                 "--output-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "sdpa" in capsys.readouterr().err

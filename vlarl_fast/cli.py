@@ -60,6 +60,10 @@ class EvalCommand:
     """Seed of the evaluation (sampling and env RNGs)."""
     device: str = "cpu"
     """Torch device."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype of an OpenVLA or transformers checkpoint ('auto': bfloat16 on CUDA, float32 on the CPU)."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel ('auto': flash_attention_2 on CUDA in 16-bit when flash-attn is installed, else sdpa)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -143,7 +147,8 @@ def cmd_eval(args: list[str]) -> int:
     out = prepare_output_dir(cfg.output_dir)
     env, tasks = eval_env(cfg)
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
-                         image_size=env.image_size, seed=cfg.seed, device=cfg.device)
+                         image_size=env.image_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+                         attn_implementation=cfg.attn_implementation)
     per_state = cfg.episodes_per_state or EPISODES_PER_STATE[cfg.env]
     try:
         n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task)
@@ -197,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     from .envs import RenderBackendError, UnknownTaskError
     from .envs.libero.bootstrap import LiberoAssetsError, LiberoNotInstalledError
     from .policy import CheckpointError
+    from .policy.precision import PrecisionError
     try:
         return handlers[cmd](rest)
-    except (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError) as e:
+    except (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError,
+            PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -74,6 +74,12 @@ class PolicyConfig:
     """LM width of the 'tiny' preset."""
     num_layers: int = 4
     """LM depth of the 'tiny' preset."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype of an OpenVLA or transformers checkpoint ('auto': bfloat16 on a CUDA device, float32 on the
+    CPU); the tiny VLA is always float32."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """Attention kernel of the language model ('auto': flash_attention_2 on a CUDA device in 16-bit when
+    flash-attn is installed, the `flash` extra; PyTorch's SDPA otherwise)."""
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass instead of keeping them (less memory,
     about a third more compute): for large backbones on a GPU."""
@@ -136,6 +142,14 @@ class PPOConfig:
     """Global gradient-norm clip."""
     target_kl: float | None = 0.05
     """Stop the epoch loop early when approx_kl exceeds this (None: never)."""
+    critic: Literal["shared", "separate"] = "shared"
+    """The critic: 'shared' = a value head on the policy's own hidden states (one forward for both; the tiny
+    VLA detaches them so value gradients leave the policy alone); 'separate' = VLA-RL's critic, a copy of the
+    policy's language model initialised from it with its own value head, trained only by the value loss (a
+    second prompt forward per step, and a second copy of the language model in memory)."""
+    value_pooling: Literal["last", "mean"] = "last"
+    """What the value head reads: the hidden state of the last prompt token, or the mean over the prompt's
+    tokens."""
     critic_warmup: int = 3
     """Iterations at the start that update only the critic (VLA-RL's critic warm-up)."""
     temperature: float = 1.0

@@ -174,6 +174,18 @@ def _libero_problems(packages: dict, libero: dict | None) -> list[str]:
     return problems
 
 
+def _attention(cuda: bool) -> str:
+    """The language model's attention kernel that --policy.attn-implementation auto picks here."""
+    try:
+        from .policy.precision import flash_attn_installed
+        if flash_attn_installed():
+            return ("flash_attention_2 for 16-bit checkpoints on CUDA" if cuda
+                    else "sdpa (flash-attn is installed but needs a CUDA device)")
+        return "sdpa" + (" (flash-attn not installed: the flash extra)" if cuda else "")
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"
+
+
 def collect_info() -> dict:
     """Everything `vlarl-fast info` reports, as a JSON-serialisable dict. Never raises."""
     try:
@@ -192,6 +204,7 @@ def collect_info() -> dict:
         "accelerators": acc,
         "extension": _extension(),
         "triton": _triton(acc["cuda"]),
+        "attention": _attention(acc["cuda"]),
         "render": _render(),
         "suites": _suites(),
         "libero": _libero(),
@@ -239,6 +252,7 @@ def format_info(info: dict) -> str:
     lines += ["", "components:",
               f"  C++ extension {'usable (' + _fmt_build(ext['build']) + ')' if ext['usable'] else 'NOT usable: ' + str(ext['error'])}",
               f"  Triton        {info['triton']}",
+              f"  attention     {info['attention']}",
               f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
               "  task suites   " + ("error: " + suites["error"] if "error" in suites
                                     else ", ".join(f"{k} ({v} tasks)" for k, v in suites.items()))]

@@ -106,7 +106,8 @@ def train(cfg: TrainConfig) -> dict:
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
-                         device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers)
+                         device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers,
+                         dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
     if cfg.policy.gradient_checkpointing:
         enable_gradient_checkpointing(policy.model)
     if cfg.skip_sft and policy.norm_stats is None and cfg.env.benchmark == "libero":

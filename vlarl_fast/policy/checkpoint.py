@@ -16,9 +16,11 @@ from transformers import PreTrainedTokenizerFast
 
 from .action_tokenizer import NormStats
 from .atomic_dir import atomic_directory
+from .critic import load_critic, save_critic
 from .lora import base_state_dict, load_adapter, save_adapter
 from .model import TinyVLA, VLAConfig
 from .policy import VLAPolicy
+from .precision import resolve_attention, resolve_dtype, set_attention
 from .text_tokenizer import build_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -38,38 +40,54 @@ def _is_openvla(model) -> bool:
 
 
 def save_policy(policy: VLAPolicy, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write atomically: a temp directory beside the target, then rename over it."""
+    """Write atomically: a temp directory beside the target, then rename over it. The critic's choice (and a
+    separate critic's weights) go beside the model in every format."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        _save_model(policy, tmp, extra)
+        save_critic(tmp, policy.critic_kind, policy.value_pooling, policy.critic)
+    return path
+
+
+def _save_model(policy: VLAPolicy, tmp: Path, extra: dict | None) -> None:
     if _is_openvla(policy.model):
         from .openvla import save_openvla
         stats = {policy.unnorm_key or "vlarl": policy.norm_stats} if policy.norm_stats is not None else None
-        return save_openvla(policy.model, policy.tokenizer, path, norm_stats=stats,
-                            image_processor=policy.model.image_processor, extra=extra)
-    path = Path(path)
+        save_openvla(policy.model, policy.tokenizer, tmp, norm_stats=stats,
+                     image_processor=policy.model.image_processor, extra=extra)
+        return
     from .hf_vlm import HFVLAModel, save_hf_vlm
     if isinstance(policy.model, HFVLAModel):
-        with atomic_directory(path) as tmp:
-            save_hf_vlm(policy.model, policy.tokenizer, tmp)
-            if policy.norm_stats is not None:
-                policy.norm_stats.save(tmp / STATS)
-        return path
-    with atomic_directory(path) as tmp:
-        cfg = policy.config.to_dict()
-        (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}}, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in base_state_dict(policy.model.state_dict()).items()}
-        save_file(state, str(tmp / WEIGHTS))
-        save_adapter(policy.model, tmp)
-        policy.tokenizer.save_pretrained(str(tmp))
+        save_hf_vlm(policy.model, policy.tokenizer, tmp)
         if policy.norm_stats is not None:
             policy.norm_stats.save(tmp / STATS)
-    return path
+        return
+    cfg = policy.config.to_dict()
+    (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}}, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in base_state_dict(policy.model.state_dict()).items()}
+    save_file(state, str(tmp / WEIGHTS))
+    save_adapter(policy.model, tmp)
+    policy.tokenizer.save_pretrained(str(tmp))
+    if policy.norm_stats is not None:
+        policy.norm_stats.save(tmp / STATS)
 
 
 def load_policy(path: str | os.PathLike, device="cpu", *, unnorm_key: str | None = None,
                 dtype: torch.dtype | None = None, value_hidden: int = DEFAULT_VALUE_HIDDEN) -> VLAPolicy:
     """A vlarl-fast checkpoint, or an OpenVLA one (``unnorm_key`` picks its action statistics; ``dtype``, e.g.
     torch.bfloat16 on a GPU, its weights' dtype; a fresh critic of width ``value_hidden`` when it has none)."""
+    policy = _load_model(Path(path), device, unnorm_key, dtype, value_hidden)
+    try:
+        kind, pooling, critic = load_critic(Path(path), policy.model.decoder, policy.model.lm_head_weight.shape[1])
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    policy.critic_kind, policy.value_pooling = kind, pooling
+    policy.critic = None if critic is None else critic.to(policy.device)
+    return policy
+
+
+def _load_model(path: Path, device, unnorm_key, dtype, value_hidden) -> VLAPolicy:
     from .openvla import is_openvla_checkpoint, load_openvla
-    path = Path(path)
     if is_openvla_checkpoint(path):
         b = load_openvla(path, unnorm_key=unnorm_key, device=device, dtype=dtype, value_hidden=value_hidden)
         return VLAPolicy(b.model, b.tokenizer, b.norm_stats, device=device, unnorm_key=b.unnorm_key)
@@ -110,15 +128,25 @@ def load_policy(path: str | os.PathLike, device="cpu", *, unnorm_key: str | None
 
 
 def make_policy(spec: str, *, instructions: list[str] | None = None, image_size: int = 64, seed: int = 0,
-                device="cpu", unnorm_key: str | None = None, **overrides) -> VLAPolicy:
+                device="cpu", unnorm_key: str | None = None, dtype: str = "auto", attn_implementation: str = "auto",
+                **overrides) -> VLAPolicy:
     """A checkpoint directory (vlarl-fast's or OpenVLA's; ``overrides`` size only the preset), or the preset
-    ``tiny`` (randomly initialised)."""
-    if spec in PRESETS:
+    ``tiny`` (randomly initialised). ``dtype`` and ``attn_implementation``: see ``precision``."""
+    pretrained = spec not in PRESETS
+    torch_dtype = resolve_dtype(dtype, device, pretrained=pretrained)
+    if not pretrained:
         if unnorm_key is not None:
             raise CheckpointError(f"unnorm_key={unnorm_key!r} needs an OpenVLA checkpoint; the preset {spec!r} has "
                                   "no action statistics")
         torch.manual_seed(seed)
         config = VLAConfig(image_size=image_size, **overrides)
         tok = build_tokenizer(instructions or [], text_vocab_size=config.text_vocab_size)
-        return VLAPolicy(TinyVLA(config).eval(), tok, None, device=device)
-    return load_policy(spec, device=device, unnorm_key=unnorm_key)
+        policy = VLAPolicy(TinyVLA(config).eval(), tok, None, device=device)
+    else:
+        policy = load_policy(spec, device=device, unnorm_key=unnorm_key,
+                             dtype=None if dtype == "auto" and torch_dtype == torch.float32 else torch_dtype)
+        if isinstance(policy.model, TinyVLA) and dtype not in ("auto", "float32"):
+            resolve_dtype(dtype, device, pretrained=False)   # the tiny VLA's error
+    # the kernel follows the weights as loaded (a vlarl-fast tiny checkpoint stays float32 on a GPU too)
+    set_attention(policy.model, resolve_attention(attn_implementation, device, policy.model.lm_head_weight.dtype))
+    return policy

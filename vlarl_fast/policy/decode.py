@@ -41,7 +41,7 @@ IMPLS = ("fast", "static", "dynamic")
 class Decoded:
     tokens: torch.Tensor         # [B, 7] int64 action ids
     logprobs: torch.Tensor       # [B, 7] float32, under the sampling temperature
-    prompt_hidden: torch.Tensor  # [B, H] hidden state of the last prompt column (value head input)
+    prompt_hidden: torch.Tensor  # [B, S, H] hidden states of the prompt (the critic pools them)
 
 
 def _sample(logits: torch.Tensor, temperature: float, greedy: bool, generator) -> torch.Tensor:
@@ -76,8 +76,9 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
         kv = StaticCache(config=dec.config, max_cache_len=S + steps)
         # the unwritten slots are in every query's future, so causality hides them: one mask for all steps
         masks = [full_mask] * ACTION_DIM
-    h = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
-            use_cache=True).last_hidden_state[:, -1]
+    prompt_hidden = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
+                        use_cache=True).last_hidden_state
+    h = prompt_hidden[:, -1]
     positions = pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]  # [B, 6]
     stepper = None
     if impl == "fast" and llama_step.supports(dec):
@@ -99,21 +100,26 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
                     past_key_values=kv, use_cache=True).last_hidden_state[:, -1]
     # one call for all 7 columns: the same function the training forward scores them with
     logps = action_logprobs_of(model, hidden, tokens, temperature=temperature)
-    return Decoded(tokens, logps, hidden[:, 0])
+    return Decoded(tokens, logps, prompt_hidden)
+
+
+def teacher_forced_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                          tokens: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, S + 6, H] of the prompt followed by the first 6 of the given action tokens."""
+    if tokens.shape != (embeds.shape[0], ACTION_DIM):
+        raise ValueError(f"action tokens must be [B={embeds.shape[0]}, {ACTION_DIM}]; got {tuple(tokens.shape)}")
+    B = embeds.shape[0]
+    embeds = torch.cat([embeds, model.embed_tokens(tokens[:, :ACTION_DIM - 1]).to(embeds.dtype)], 1)
+    mask = torch.cat([mask, mask.new_ones(B, ACTION_DIM - 1)], 1)
+    pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]], 1)
+    return model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
 
 
 def action_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                   tokens: torch.Tensor) -> torch.Tensor:
     """Teacher-forced: hidden states [B, 7, H] that predict each of the 7 given action tokens (column k
-    predicts token k; column 0 is the last prompt column, the value head's input)."""
-    if tokens.shape != (embeds.shape[0], ACTION_DIM):
-        raise ValueError(f"action tokens must be [B={embeds.shape[0]}, {ACTION_DIM}]; got {tuple(tokens.shape)}")
-    B, S, _ = embeds.shape
-    embeds = torch.cat([embeds, model.embed_tokens(tokens[:, :ACTION_DIM - 1]).to(embeds.dtype)], 1)
-    mask = torch.cat([mask, mask.new_ones(B, ACTION_DIM - 1)], 1)
-    pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]], 1)
-    out = model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
-    return out.last_hidden_state[:, S - 1:]
+    predicts token k; column 0 is the last prompt column)."""
+    return teacher_forced_hidden(model, embeds, mask, pos, tokens)[:, embeds.shape[1] - 1:]
 
 
 def action_logprobs_of(model, hidden: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,

@@ -88,7 +88,7 @@ class HFVLAModel(nn.Module):
         self.register_buffer("image_std", torch.tensor(self.config.image_std).view(1, 3, 1, 1), persistent=False)
 
     @property
-    def vision(self) -> nn.Module:
+    def vision_tower(self) -> nn.Module:
         """The modules ``encode_images`` runs (frozen with --ppo.freeze-vision)."""
         return nn.ModuleList([self.vlm.model.vision_tower, self.vlm.model.multi_modal_projector])
 

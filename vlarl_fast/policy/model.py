@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
 from .action_tokenizer import N_BINS
-from .decode import action_hidden
 from .protocol import make_value_head
 from .text_tokenizer import prompt_text
 
@@ -129,6 +128,10 @@ class TinyVLA(nn.Module):
         return self.lm.lm_head.weight
 
     @property
+    def vision_tower(self) -> nn.Module:
+        return self.vision
+
+    @property
     def vocab_start(self) -> int:
         return self.config.vocab_size - N_BINS
 
@@ -225,14 +228,6 @@ class TinyVLA(nn.Module):
         if self.config.value_detach:
             h_last = h_last.detach()
         return self.value_head(h_last.float()).squeeze(-1)
-
-    # ---- teacher-forced forward (SFT and the PPO update) ---------------------------------
-    def forward_actions(self, vision_feats, states, text_ids, text_mask, action_tokens):
-        """Hidden states that predict each of the 7 action tokens, and the value.
-
-        Returns (hidden [B, 7, D], values [B])."""
-        h = action_hidden(self, *self.prompt_embeds(vision_feats, states, text_ids, text_mask), action_tokens)
-        return h, self.value_from_hidden(h[:, 0])
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .action_tokenizer import ActionTokenizer, NormStats
-from .decode import IMPLS, action_hidden, action_logprobs_of, decode_actions
+from .critic import CRITICS, POOLINGS, SeparateCritic, pool_prompt
+from .decode import IMPLS, action_logprobs_of, decode_actions, teacher_forced_hidden
 from .protocol import check_model, left_pad
 
 
@@ -44,6 +45,35 @@ class VLAPolicy:
         # the bins count back from the end of the action slice (OpenVLA: 32000, below the padded LM head)
         self.action_tokenizer = ActionTokenizer(model.vocab_end)
         self._prompt_cache: dict[str, list[int]] = {}
+        self.critic_kind, self.value_pooling = "shared", "last"
+        self.critic: SeparateCritic | None = None   # VLA-RL's separate critic backbone, when chosen
+
+    # ---- critic ----------------------------------------------------------------------------
+    def set_critic(self, kind: str = "shared", pooling: str = "last") -> None:
+        """Choose the critic (``critic.py``): 'shared' reads the policy's hidden states; 'separate' copies the
+        language model as it is now. A separate critic already of this pooling (a loaded one) is kept."""
+        if kind not in CRITICS:
+            raise ValueError(f"unknown critic {kind!r}; use one of {CRITICS}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown value pooling {pooling!r}; use one of {POOLINGS}")
+        if kind == "separate" and not (self.critic is not None and self.critic.pooling == pooling):
+            head = self.model.value_head
+            self.critic = SeparateCritic(self.model.decoder, self.model.lm_head_weight.shape[1],
+                                         head[0].out_features, pooling).to(self.device)
+        elif kind == "shared":
+            self.critic = None
+        self.critic_kind, self.value_pooling = kind, pooling
+
+    def value_parameters(self) -> list[torch.nn.Parameter]:
+        """What the value loss trains: the separate critic, or the shared value head."""
+        return list((self.critic or self.model.value_head).parameters())
+
+    def _values(self, embeds, mask, pos, prompt_hidden) -> torch.Tensor:
+        """Values [B] (float32) of prompts whose policy hidden states [B, S, H] are ``prompt_hidden``
+        (unused by a separate critic, which runs its own backbone on the prompt embeddings)."""
+        if self.critic is not None:
+            return self.critic(embeds, mask, pos)
+        return self.model.value_from_hidden(pool_prompt(prompt_hidden, mask, self.value_pooling)).float()
 
     @property
     def config(self):
@@ -90,7 +120,7 @@ class VLAPolicy:
         feats, (embeds, mask, pos) = self._prompt(images, states, instructions)
         out = decode_actions(self.model, embeds, mask, pos, temperature=temperature, greedy=greedy,
                              generator=generator, impl=self.decode_impl)
-        values = self.model.value_from_hidden(out.prompt_hidden)
+        values = self._values(embeds, mask, pos, out.prompt_hidden)
         norm = self.action_tokenizer.decode_torch(out.tokens)
         actions = self.norm_stats.unnormalize(norm) if self.norm_stats is not None else norm
         return ActOutput(out.tokens, out.logprobs, values.float(), actions.cpu().numpy().astype(np.float32), feats)
@@ -99,16 +129,31 @@ class VLAPolicy:
     def value(self, images, states, instructions) -> torch.Tensor:
         """Value of observations (used to bootstrap at time-limit truncations)."""
         _, (embeds, mask, pos) = self._prompt(images, states, instructions)
-        h = self.model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
-        return self.model.value_from_hidden(h).float()
+        return self._prompt_values(embeds, mask, pos)
+
+    def _prompt_values(self, embeds, mask, pos) -> torch.Tensor:
+        if self.critic is not None:
+            return self.critic(embeds, mask, pos)
+        with torch.no_grad():   # the policy's own states only feed the (shared) value head
+            h = self.model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        return self._values(embeds, mask, pos, h)
 
     # ---- training forward ------------------------------------------------------------------
     def evaluate_actions(self, vision_feats, states, text_ids, text_mask, tokens, *, temperature=1.0):
         """Teacher-forced log-probs [B, 7], entropies [B, 7] and values [B] of given action tokens."""
         embeds, mask, pos = self.model.prompt_embeds(vision_feats, states, text_ids, text_mask)
-        h = action_hidden(self.model, embeds, mask, pos, tokens)
-        logp, ent = action_logprobs_of(self.model, h, tokens, temperature=temperature, return_entropy=True)
-        return logp, ent, self.model.value_from_hidden(h[:, 0])
+        hidden = teacher_forced_hidden(self.model, embeds, mask, pos, tokens)
+        S = embeds.shape[1]
+        logp, ent = action_logprobs_of(self.model, hidden[:, S - 1:], tokens, temperature=temperature,
+                                       return_entropy=True)
+        return logp, ent, self._values(embeds, mask, pos, hidden[:, :S])
+
+    def evaluate_values(self, vision_feats, states, text_ids, text_mask) -> torch.Tensor:
+        """Values [B] with gradients only into the critic (the policy's forward runs without them): the
+        critic warm-up's update."""
+        with torch.no_grad():
+            embeds, mask, pos = self.model.prompt_embeds(vision_feats, states, text_ids, text_mask)
+        return self._prompt_values(embeds, mask, pos)
 
     def tokens_from_actions(self, actions: np.ndarray) -> torch.Tensor:
         """Env-unit actions -> action token ids (normalise with q01/q99, then bin)."""

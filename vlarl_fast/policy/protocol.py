@@ -31,6 +31,10 @@ class VLAModel(Protocol):
     def lm_head_weight(self) -> torch.Tensor:
         """[V, H]; only rows ``[vocab_start, vocab_end)`` are ever multiplied."""
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The image encoder behind ``encode_images`` (frozen, and its features cached, when RL keeps it fixed)."""
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Model image input -> vision features [B, tokens, C] (cacheable while the tower is frozen)."""
 
@@ -52,7 +56,7 @@ class VLAModel(Protocol):
         """Hidden state of the last prompt column [B, H] -> value [B] (float32)."""
 
 
-MEMBERS = ("vocab_start", "vocab_end", "decoder", "lm_head_weight", "encode_images", "preprocess_images",
+MEMBERS = ("vocab_start", "vocab_end", "decoder", "lm_head_weight", "vision_tower", "encode_images", "preprocess_images",
            "prompt_ids", "prompt_embeds", "embed_tokens", "value_from_hidden")
 
 

@@ -13,11 +13,14 @@ from ..policy import ACTION_DIM
 
 
 class RolloutBuffer:
-    def __init__(self, num_steps: int, num_envs: int, obs_shape: tuple, obs_dtype: torch.dtype, state_dim: int):
+    """Observation and state storage take their shape and dtype from the first ``add``: cached features
+    differ by model (and are bf16 for a bf16 tower), images by env, proprio by suite."""
+
+    def __init__(self, num_steps: int, num_envs: int):
         T, N = num_steps, num_envs
         self.T, self.N = T, N
-        self.obs = torch.zeros((T, N) + tuple(obs_shape), dtype=obs_dtype)
-        self.states = torch.zeros(T, N, state_dim)
+        self.obs: torch.Tensor | None = None
+        self.states: torch.Tensor | None = None
         self.tokens = torch.zeros(T, N, ACTION_DIM, dtype=torch.long)
         self.logprobs = torch.zeros(T, N, ACTION_DIM)
         self.values = torch.zeros(T, N)
@@ -28,6 +31,9 @@ class RolloutBuffer:
         self.instructions: list[list[str]] = [[""] * N for _ in range(T)]
 
     def add(self, t: int, obs, states, tokens, logprobs, values, instructions) -> None:
+        if self.obs is None:
+            self.obs = torch.zeros((self.T, self.N) + tuple(obs.shape[1:]), dtype=obs.dtype)
+            self.states = torch.zeros((self.T, self.N) + tuple(states.shape[1:]), dtype=torch.float32)
         self.obs[t] = obs
         self.states[t] = states
         self.tokens[t] = tokens

@@ -43,7 +43,7 @@ def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, s
     if augment_pad:
         imgs = random_shift(imgs.cpu(), augment_pad, generator).to(imgs.device)
     text_ids, text_mask = policy.encode_prompts(instructions)
-    feats = model.encode_images(imgs)
+    feats = model.encode_images(model.preprocess_images(imgs))
     logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
     loss = -logp.mean()
     opt.zero_grad(set_to_none=True)

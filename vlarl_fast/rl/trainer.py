@@ -84,24 +84,22 @@ class PPOTrainer:
         self.curriculum = curriculum
         self.recorder = recorder   # keeps successful episodes for iRe-VLA's supervised stage
         model = policy.model
+        policy.set_critic(cfg.critic, cfg.value_pooling)
         if cfg.freeze_vision:
-            for p in model.vision.parameters():
+            for p in model.vision_tower.parameters():
                 p.requires_grad_(False)
         if cfg.lora_rank > 0:
             train_lora_only(model, cfg)
         elif cfg.train_layers > 0:
             freeze_below_top_layers(model, cfg.train_layers)
-        value_params = list(model.value_head.parameters())
-        value_ids = {id(p) for p in value_params}
+        value_params = policy.value_parameters()
+        value_ids = {id(p) for p in value_params} | {id(p) for p in model.value_head.parameters()}
         policy_params = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
         self.optimizer = torch.optim.Adam([
             {"params": policy_params, "lr": cfg.learning_rate},
             {"params": value_params, "lr": cfg.critic_learning_rate}], eps=1e-5)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
-        feat_shape = (model.config.num_image_tokens, model.config.feature_dim)
-        size = model.config.image_size
-        obs_shape, obs_dtype = (feat_shape, torch.float32) if cfg.freeze_vision else ((size, size, 3), torch.uint8)
-        self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, obs_shape, obs_dtype, model.config.state_dim)
+        self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs)
         self.obs, _ = envs.reset(seed=seed)
         self.iteration = 0
         self.global_step = 0
@@ -167,7 +165,7 @@ class PPOTrainer:
         model = pol.model
         model.train()
         # batch-norm statistics stay those of the rollout, so the update scores the same policy
-        model.vision.eval()
+        model.vision_tower.eval()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         rng = np.random.default_rng(self.iteration)
         stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
@@ -182,11 +180,9 @@ class PPOTrainer:
                 states = data["states"][idx].to(pol.device)
                 tokens = data["tokens"][idx].to(pol.device)
                 obs = data["obs"][idx].to(pol.device)
-                feats = obs if cfg.freeze_vision else model.encode_images(obs)
+                feats = obs if cfg.freeze_vision else model.encode_images(model.preprocess_images(obs))
                 if critic_only:
-                    with torch.no_grad():
-                        h, _ = model.forward_actions(feats, states, text_ids, text_mask, tokens)
-                    values = model.value_from_hidden(h[:, 0])
+                    values = pol.evaluate_values(feats, states, text_ids, text_mask)
                     v_loss = 0.5 * ((values.cpu() - ret_flat[idx]) ** 2).mean()
                     loss = cfg.vf_coef * v_loss
                     pg_loss = ent = kl = cf = torch.zeros(())

@@ -79,6 +79,10 @@ class OpenVLAModel(nn.Module):
         return self.language_model.lm_head.weight
 
     @property
+    def vision_tower(self) -> nn.Module:
+        return self.vision_backbone
+
+    @property
     def action_vocab_size(self) -> int:
         return self.config.action_vocab_size
 
