@@ -163,6 +163,10 @@ class PPOConfig:
     """Train only this many top LM layers (plus the final norm and the LM head) during RL, as iRe-VLA keeps
     the backbone frozen in its RL stage; 0 trains the whole policy (but the vision tower if freeze_vision).
     On the tabletop default, training the whole LM lost skill to gradient noise (+2.3 points vs +4.5)."""
+    cache_frozen_layers: bool = False
+    """Keep the inputs of the first trained LM layer from the rollout, so the update runs only the trained
+    layers instead of the whole model (the same numbers to float rounding; needs --ppo.train-layers > 0, no
+    LoRA, the vision tower frozen and the shared critic)."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank on every layer of the language model instead (0: off); with LoRA only
     the adapters and the value head learn in RL, and --ppo.train-layers does not apply."""

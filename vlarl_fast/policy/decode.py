@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers.masking_utils import create_causal_mask
 
 from ..kernels import action_logprobs
 from . import llama_step
@@ -42,6 +43,7 @@ class Decoded:
     tokens: torch.Tensor         # [B, 7] int64 action ids
     logprobs: torch.Tensor       # [B, 7] float32, under the sampling temperature
     prompt_hidden: torch.Tensor  # [B, S, H] hidden states of the prompt (the critic pools them)
+    frozen_hidden: torch.Tensor | None = None  # [B, S + 6, H] inputs of layer ``capture_layer``, when asked
 
 
 def _sample(logits: torch.Tensor, temperature: float, greedy: bool, generator) -> torch.Tensor:
@@ -54,13 +56,17 @@ def _sample(logits: torch.Tensor, temperature: float, greedy: bool, generator) -
 @torch.no_grad()
 def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *,
                    temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-                   impl: str = "fast") -> Decoded:
+                   impl: str = "fast", capture_layer: int | None = None) -> Decoded:
     """embeds/mask/pos: left-padded prompts from ``model.prompt_embeds``. Returns the 7 action tokens, their
     log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's last hidden state.
 
     ``impl``: "fast" (static cache, decode steps by ``llama_step`` where the decoder is a Llama, else as
     "static"), "static" (static cache, every step through ``decoder(...)``) or "dynamic" (transformers'
-    DynamicCache, the plainest form)."""
+    DynamicCache, the plainest form).
+
+    ``capture_layer``: also return the inputs of that decoder layer at the prompt and the 6 fed-back token
+    columns (``frozen_hidden``): while the layers below it are frozen, the PPO update runs only the layers
+    from there up (``top_layers_hidden``) instead of the whole decoder."""
     if impl not in IMPLS:
         raise ValueError(f"unknown decoding implementation {impl!r}; use one of {IMPLS}")
     if not greedy and not temperature > 0:
@@ -76,8 +82,11 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
         kv = StaticCache(config=dec.config, max_cache_len=S + steps)
         # the unwritten slots are in every query's future, so causality hides them: one mask for all steps
         masks = [full_mask] * ACTION_DIM
-    prompt_hidden = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
-                        use_cache=True).last_hidden_state
+    capture = capture_layer is not None
+    out = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv, use_cache=True,
+              output_hidden_states=capture)
+    prompt_hidden = out.last_hidden_state
+    frozen = [out.hidden_states[capture_layer]] if capture else None
     h = prompt_hidden[:, -1]
     positions = pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]  # [B, 6]
     stepper = None
@@ -94,13 +103,19 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
             break
         x = model.embed_tokens(tok)[:, None].to(embeds.dtype)
         if stepper is not None:
-            h = stepper.step(x, k)
+            h = stepper.step(x, k, capture_layer=capture_layer)
+            if capture:
+                h, layer_input = h
+                frozen.append(layer_input)
         else:
-            h = dec(inputs_embeds=x, attention_mask=masks[k + 1], position_ids=positions[:, k:k + 1],
-                    past_key_values=kv, use_cache=True).last_hidden_state[:, -1]
+            o = dec(inputs_embeds=x, attention_mask=masks[k + 1], position_ids=positions[:, k:k + 1],
+                    past_key_values=kv, use_cache=True, output_hidden_states=capture)
+            h = o.last_hidden_state[:, -1]
+            if capture:
+                frozen.append(o.hidden_states[capture_layer])
     # one call for all 7 columns: the same function the training forward scores them with
     logps = action_logprobs_of(model, hidden, tokens, temperature=temperature)
-    return Decoded(tokens, logps, prompt_hidden)
+    return Decoded(tokens, logps, prompt_hidden, torch.cat(frozen, 1) if capture else None)
 
 
 def teacher_forced_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -113,6 +128,19 @@ def teacher_forced_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: 
     mask = torch.cat([mask, mask.new_ones(B, ACTION_DIM - 1)], 1)
     pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]], 1)
     return model.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+
+def top_layers_hidden(decoder, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                      first_layer: int) -> torch.Tensor:
+    """The decoder from layer ``first_layer`` up, on that layer's inputs [B, L, H] (left-padded mask and
+    positions [B, L]) -> final hidden states [B, L, H]: the same arithmetic as ``decoder.forward`` (its mask,
+    its rotary tables, its layers, its norm), minus the layers below."""
+    causal = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                past_key_values=None, position_ids=pos)
+    rope = decoder.rotary_emb(hidden, position_ids=pos)
+    for layer in decoder.layers[first_layer:decoder.config.num_hidden_layers]:
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+    return decoder.norm(hidden)
 
 
 def action_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,

@@ -59,13 +59,17 @@ class LlamaStepper:
         self.kv = [(layer, cache.layers[i].keys, cache.layers[i].values)
                    for i, layer in enumerate(decoder.layers[: decoder.config.num_hidden_layers])]
 
-    def step(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Embedding of the k-th fed-back token [B, 1, H] -> final hidden state [B, H]."""
+    def step(self, x: torch.Tensor, k: int, capture_layer: int | None = None):
+        """Embedding of the k-th fed-back token [B, 1, H] -> final hidden state [B, H] (and, with
+        ``capture_layer``, that layer's input [B, 1, H])."""
         B = x.shape[0]
         t = self.prompt_len + k
         cos, sin = self.cos[:, :, k:k + 1], self.sin[:, :, k:k + 1]
         mask = self.allowed[..., :t + 1]
-        for layer, K, V in self.kv:
+        captured = None
+        for i, (layer, K, V) in enumerate(self.kv):
+            if i == capture_layer:
+                captured = x
             a = layer.self_attn
             h = _rms(x, layer.input_layernorm)
             q = _linear(h, a.q_proj).view(B, 1, -1, a.head_dim).transpose(1, 2)
@@ -81,4 +85,5 @@ class LlamaStepper:
             h = _rms(x, layer.post_attention_layernorm)
             m = layer.mlp
             x = x + _linear(m.act_fn(_linear(h, m.gate_proj)) * _linear(h, m.up_proj), m.down_proj)
-        return _rms(x, self.decoder.norm)[:, -1]
+        out = _rms(x, self.decoder.norm)[:, -1]
+        return out if capture_layer is None else (out, captured)

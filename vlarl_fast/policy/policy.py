@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .action_tokenizer import ActionTokenizer, NormStats
+from .action_tokenizer import ACTION_DIM, ActionTokenizer, NormStats
 from .critic import CRITICS, POOLINGS, SeparateCritic, pool_prompt
-from .decode import IMPLS, action_logprobs_of, decode_actions, teacher_forced_hidden
+from .decode import IMPLS, action_logprobs_of, decode_actions, teacher_forced_hidden, top_layers_hidden
 from .protocol import check_model, left_pad
 
 
@@ -28,6 +28,17 @@ class ActOutput:
     values: torch.Tensor        # [B] float32
     actions: np.ndarray         # [B, 7] float32, un-normalised, ready for env.step
     vision_feats: torch.Tensor  # [B, tokens, C] cached for the update when the vision tower is frozen
+    frozen: "FrozenInputs | None" = None  # the trainable layers' inputs, when ``act`` was asked for them
+
+
+@dataclass
+class FrozenInputs:
+    """Inputs of the first trainable decoder layer over the prompt and the 6 fed-back action tokens, with the
+    left-padded mask and positions of those columns: everything the update needs while the layers below,
+    the vision tower and the embeddings are frozen."""
+    hidden: torch.Tensor  # [B, S + 6, H]
+    mask: torch.Tensor    # [B, S + 6]
+    pos: torch.Tensor     # [B, S + 6]
 
 
 class VLAPolicy:
@@ -116,14 +127,22 @@ class VLAPolicy:
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
     def act(self, images, states, instructions, *, temperature: float = 1.0, greedy: bool = False,
-            generator: torch.Generator | None = None) -> ActOutput:
+            generator: torch.Generator | None = None, capture_layer: int | None = None) -> ActOutput:
+        """``capture_layer``: also return that decoder layer's inputs (``ActOutput.frozen``) for
+        ``evaluate_frozen``."""
         feats, (embeds, mask, pos) = self._prompt(images, states, instructions)
         out = decode_actions(self.model, embeds, mask, pos, temperature=temperature, greedy=greedy,
-                             generator=generator, impl=self.decode_impl)
+                             generator=generator, impl=self.decode_impl, capture_layer=capture_layer)
         values = self._values(embeds, mask, pos, out.prompt_hidden)
         norm = self.action_tokenizer.decode_torch(out.tokens)
         actions = self.norm_stats.unnormalize(norm) if self.norm_stats is not None else norm
-        return ActOutput(out.tokens, out.logprobs, values.float(), actions.cpu().numpy().astype(np.float32), feats)
+        frozen = None
+        if capture_layer is not None:
+            steps = out.frozen_hidden.shape[1] - mask.shape[1]
+            frozen = FrozenInputs(out.frozen_hidden, torch.cat([mask, mask.new_ones(mask.shape[0], steps)], 1),
+                                  torch.cat([pos, pos[:, -1:] + torch.arange(1, steps + 1, device=pos.device)], 1))
+        return ActOutput(out.tokens, out.logprobs, values.float(), actions.cpu().numpy().astype(np.float32), feats,
+                         frozen)
 
     @torch.no_grad()
     def value(self, images, states, instructions) -> torch.Tensor:
@@ -147,6 +166,24 @@ class VLAPolicy:
         logp, ent = action_logprobs_of(self.model, hidden[:, S - 1:], tokens, temperature=temperature,
                                        return_entropy=True)
         return logp, ent, self._values(embeds, mask, pos, hidden[:, :S])
+
+    def evaluate_frozen(self, frozen: FrozenInputs, tokens, first_layer: int, *, temperature=1.0,
+                        critic_only: bool = False):
+        """``evaluate_actions`` from the inputs of decoder layer ``first_layer`` (``act(capture_layer=...)``):
+        only the layers from there up run. Valid while everything below is frozen; the shared critic only.
+        ``critic_only``: the policy's forward without gradients, values with them (the critic warm-up)."""
+        if self.critic is not None:
+            raise ValueError("the frozen-layer cache serves the shared critic; a separate critic needs the prompt "
+                             "embeddings (use evaluate_actions)")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not critic_only):
+            hidden = top_layers_hidden(self.model.decoder, frozen.hidden, frozen.mask, frozen.pos, first_layer)
+        S = hidden.shape[1] - (ACTION_DIM - 1)
+        if critic_only:
+            return None, None, self._values(None, frozen.mask[:, :S], None, hidden[:, :S])
+        logp, ent = action_logprobs_of(self.model, hidden[:, S - 1:], tokens, temperature=temperature,
+                                       return_entropy=True)
+        values = self._values(None, frozen.mask[:, :S], None, hidden[:, :S])
+        return logp, ent, values
 
     def evaluate_values(self, vision_feats, states, text_ids, text_mask) -> torch.Tensor:
         """Values [B] with gradients only into the critic (the policy's forward runs without them): the

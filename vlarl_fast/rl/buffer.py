@@ -7,9 +7,11 @@ rollout pass, the value, the reward and the episode flags.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..policy import ACTION_DIM
+from ..policy.policy import FrozenInputs
 
 
 class RolloutBuffer:
@@ -29,8 +31,9 @@ class RolloutBuffer:
         self.terminated = torch.zeros(T, N)
         self.episode_end = torch.zeros(T, N)
         self.instructions: list[list[str]] = [[""] * N for _ in range(T)]
+        self.frozen: list[FrozenInputs | None] = [None] * T
 
-    def add(self, t: int, obs, states, tokens, logprobs, values, instructions) -> None:
+    def add(self, t: int, obs, states, tokens, logprobs, values, instructions, frozen=None) -> None:
         if self.obs is None:
             self.obs = torch.zeros((self.T, self.N) + tuple(obs.shape[1:]), dtype=obs.dtype)
             self.states = torch.zeros((self.T, self.N) + tuple(states.shape[1:]), dtype=torch.float32)
@@ -40,6 +43,27 @@ class RolloutBuffer:
         self.logprobs[t] = logprobs
         self.values[t] = values
         self.instructions[t] = list(instructions)
+        self.frozen[t] = frozen
+
+    def frozen_rows(self, idx) -> FrozenInputs:
+        """The frozen-layer inputs (``VLAPolicy.act(capture_layer=...)``) of flat rows ``idx``, left-padded to
+        the longest: prompts of different steps differ in length, and left padding keeps every row's action
+        columns last. Padding columns are masked out and carry zeros."""
+        idx = np.asarray(idx)
+        ts, ns = idx // self.N, idx % self.N
+        first = self.frozen[int(ts[0])]
+        L = max(self.frozen[int(t)].hidden.shape[1] for t in np.unique(ts))
+        B, H = len(idx), first.hidden.shape[2]
+        hidden = first.hidden.new_zeros(B, L, H)
+        mask, pos = first.mask.new_zeros(B, L), first.pos.new_zeros(B, L)
+        for t in np.unique(ts):
+            rows = np.flatnonzero(ts == t)
+            f = self.frozen[int(t)]
+            cols = slice(L - f.hidden.shape[1], L)
+            hidden[rows, cols] = f.hidden[ns[rows]]
+            mask[rows, cols] = f.mask[ns[rows]]
+            pos[rows, cols] = f.pos[ns[rows]]
+        return FrozenInputs(hidden, mask, pos)
 
     def flat(self) -> dict:
         B = self.T * self.N

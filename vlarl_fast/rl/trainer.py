@@ -24,6 +24,7 @@ from ..config import PPOConfig
 from ..envs import VectorEnv
 from ..kernels import gae
 from ..policy import VLAPolicy
+from ..policy.policy import FrozenInputs
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
 from .online_data import SuccessfulEpisodes
@@ -77,6 +78,24 @@ def train_lora_only(model, cfg: PPOConfig) -> None:
         p.requires_grad_("lora_" in name or id(p) in value_ids)
 
 
+def frozen_layer_cache(policy: VLAPolicy, cfg: PPOConfig) -> int | None:
+    """The first trainable decoder layer when the update may start there (``--ppo.cache-frozen-layers``):
+    the rollout keeps that layer's inputs, and the update runs only the layers above instead of the whole
+    model. It needs everything below frozen (top layers trained, no LoRA, vision frozen) and the shared
+    critic; None when off."""
+    if not cfg.cache_frozen_layers:
+        return None
+    why = ("--ppo.train-layers > 0" if cfg.train_layers <= 0 else "no LoRA" if cfg.lora_rank > 0 else
+           "--ppo.freeze-vision True" if not cfg.freeze_vision else
+           "--ppo.critic shared" if cfg.critic != "shared" else None)
+    if why is not None:
+        raise ValueError(f"--ppo.cache-frozen-layers needs {why} (everything below the trained layers frozen)")
+    dec = policy.model.decoder
+    if not all(hasattr(dec, a) for a in ("layers", "rotary_emb", "norm")):
+        raise ValueError(f"--ppo.cache-frozen-layers drives Llama-style decoders; {type(dec).__name__} is not one")
+    return len(dec.layers) - cfg.train_layers
+
+
 class PPOTrainer:
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
                  curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None):
@@ -100,6 +119,7 @@ class PPOTrainer:
             {"params": value_params, "lr": cfg.critic_learning_rate}], eps=1e-5)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs)
+        self.first_layer = frozen_layer_cache(policy, cfg)
         self.obs, _ = envs.reset(seed=seed)
         self.iteration = 0
         self.global_step = 0
@@ -113,10 +133,13 @@ class PPOTrainer:
         for t in range(cfg.num_steps):
             instructions = self.envs.instructions
             out = pol.act(self.obs["image"], self.obs["state"], instructions, temperature=cfg.temperature,
-                          generator=self.generator)
+                          generator=self.generator, capture_layer=self.first_layer)
             obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(self.obs["image"])
+            frozen = None
+            if out.frozen is not None:
+                frozen = FrozenInputs(out.frozen.hidden.cpu(), out.frozen.mask.cpu(), out.frozen.pos.cpu())
             buf.add(t, obs_store, torch.as_tensor(self.obs["state"]), out.tokens.cpu(), out.logprobs.cpu(),
-                    out.values.cpu(), instructions)
+                    out.values.cpu(), instructions, frozen)
             if self.recorder is not None:
                 self.recorder.record(self.obs["image"], self.obs["state"], out.tokens.cpu().numpy(), instructions)
             next_obs, reward, term, trunc, info = self.envs.step(out.actions)
@@ -176,19 +199,27 @@ class PPOTrainer:
             perm = rng.permutation(B)
             for start in range(0, B, mb):
                 idx = perm[start:start + mb]
-                text_ids, text_mask = pol.encode_prompts([data["instructions"][i] for i in idx])
-                states = data["states"][idx].to(pol.device)
                 tokens = data["tokens"][idx].to(pol.device)
-                obs = data["obs"][idx].to(pol.device)
-                feats = obs if cfg.freeze_vision else model.encode_images(model.preprocess_images(obs))
+                if self.first_layer is not None:
+                    fr = buf.frozen_rows(idx)
+                    fr = FrozenInputs(fr.hidden.to(pol.device), fr.mask.to(pol.device), fr.pos.to(pol.device))
+                    score = lambda **kw: pol.evaluate_frozen(fr, tokens, self.first_layer, **kw)  # noqa: E731
+                    critic_values = lambda: score(critic_only=True)[2]  # noqa: E731
+                else:
+                    text_ids, text_mask = pol.encode_prompts([data["instructions"][i] for i in idx])
+                    states = data["states"][idx].to(pol.device)
+                    obs = data["obs"][idx].to(pol.device)
+                    feats = obs if cfg.freeze_vision else model.encode_images(model.preprocess_images(obs))
+                    score = lambda **kw: pol.evaluate_actions(feats, states, text_ids, text_mask, tokens,  # noqa: E731
+                                                              **kw)
+                    critic_values = lambda: pol.evaluate_values(feats, states, text_ids, text_mask)  # noqa: E731
                 if critic_only:
-                    values = pol.evaluate_values(feats, states, text_ids, text_mask)
+                    values = critic_values()
                     v_loss = 0.5 * ((values.cpu() - ret_flat[idx]) ** 2).mean()
                     loss = cfg.vf_coef * v_loss
                     pg_loss = ent = kl = cf = torch.zeros(())
                 else:
-                    logp, ent_tok, values = pol.evaluate_actions(feats, states, text_ids, text_mask, tokens,
-                                                                 temperature=cfg.temperature)
+                    logp, ent_tok, values = score(temperature=cfg.temperature)
                     mb_adv = adv_flat[idx].to(pol.device)
                     if cfg.norm_adv and not cfg.norm_adv_per_task:
                         mb_adv = normalize_advantages(mb_adv)
