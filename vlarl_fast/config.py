@@ -105,7 +105,8 @@ class SFTConfig:
     batch_size: int = 64
     """Steps per gradient update."""
     learning_rate: float = 2e-3
-    """AdamW learning rate (after the warm-up, cosine decay to 10%)."""
+    """AdamW learning rate (after the warm-up, cosine decay to 10%). Against 1e-3 without warm-up, seeds 1 and 2
+    ended SFT at loss 0.100 and 0.068 (was 0.172 and 0.080) and 31.8% and 33.2% success (was 26.2% and 30.0%)."""
     warmup_steps: int = 100
     """Gradient steps of linear learning-rate warm-up."""
     weight_decay: float = 0.01
@@ -194,7 +195,7 @@ class PPOConfig:
 class IReConfig:
     every: int = 9
     """Run iRe-VLA's supervised stage after every N PPO iterations (and so after the last one when N divides
-    the iteration count); 0: PPO only."""
+    the iteration count: the default's 45 iterations end with the fifth stage); 0: PPO only."""
     steps: int = 400
     """Behaviour-cloning gradient steps per supervised stage (the whole policy, vision tower included). From the
     same SFT start (29.0%): PPO alone +4.8 points, stages of 150 steps +5.8, of 400 steps +8.2."""
