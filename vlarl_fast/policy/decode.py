@@ -8,10 +8,11 @@ greedy tokens equal ``generate``'s exactly, with padding.
 
 Implementations (``impl``), each the reference of the one before:
 
-- ``"fast"`` (default): prefill through the decoder's own forward into a ``StaticCache`` sized to
-  prompt + 6, then the 6 steps through ``llama_step`` (the same arithmetic without transformers'
-  per-call machinery) where the decoder is a Llama;
-- ``"static"``: the same cache, every step through the decoder's forward;
+- ``"fast"`` (default) where the decoder is a Llama: the prefill and the 6 steps through ``llama_step``
+  (``LlamaDecoderLayer``'s arithmetic without transformers' per-call machinery: mask building, output
+  hooks, cache bookkeeping) on key/value buffers sized to prompt + 6; other decoders as "static";
+- ``"static"``: a ``StaticCache`` sized to prompt + 6, the prefill and every step through the decoder's
+  forward;
 - ``"dynamic"``: transformers' growing ``DynamicCache``, the plainest form.
 
 Left padding works with the static cache because the cache index of a column is its column in the
@@ -75,23 +76,26 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
     B, S = mask.shape
     steps = ACTION_DIM - 1
     full_mask = torch.cat([mask, mask.new_ones(B, steps)], 1)
-    if impl == "dynamic":
-        kv = DynamicCache(config=dec.config)
-        masks = [full_mask[:, :S + k] for k in range(ACTION_DIM)]
-    else:
-        kv = StaticCache(config=dec.config, max_cache_len=S + steps)
-        # the unwritten slots are in every query's future, so causality hides them: one mask for all steps
-        masks = [full_mask] * ACTION_DIM
     capture = capture_layer is not None
-    out = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv, use_cache=True,
-              output_hidden_states=capture)
-    prompt_hidden = out.last_hidden_state
-    frozen = [out.hidden_states[capture_layer]] if capture else None
-    h = prompt_hidden[:, -1]
     positions = pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]  # [B, 6]
     stepper = None
     if impl == "fast" and llama_step.supports(dec):
-        stepper = llama_step.LlamaStepper(dec, kv, full_mask, positions, S, embeds.dtype)
+        stepper = llama_step.LlamaStepper(dec, full_mask, pos, positions, S, embeds.dtype)
+        out = stepper.prefill(embeds, capture_layer=capture_layer)
+        prompt_hidden, frozen = (out[0], [out[1]]) if capture else (out, None)
+    else:
+        if impl == "dynamic":
+            kv = DynamicCache(config=dec.config)
+            masks = [full_mask[:, :S + k] for k in range(ACTION_DIM)]
+        else:
+            kv = StaticCache(config=dec.config, max_cache_len=S + steps)
+            # the unwritten slots are in every query's future, so causality hides them: one mask for all steps
+            masks = [full_mask] * ACTION_DIM
+        out = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
+                  use_cache=True, output_hidden_states=capture)
+        prompt_hidden = out.last_hidden_state
+        frozen = [out.hidden_states[capture_layer]] if capture else None
+    h = prompt_hidden[:, -1]
     W_act = W[vs:ve]
     tokens = torch.empty(B, ACTION_DIM, dtype=torch.long, device=h.device)
     hidden = h.new_empty(B, ACTION_DIM, h.shape[-1])
