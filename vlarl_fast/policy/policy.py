@@ -40,6 +40,9 @@ class FrozenInputs:
     mask: torch.Tensor    # [B, S + 6]
     pos: torch.Tensor     # [B, S + 6]
 
+    def to(self, device) -> "FrozenInputs":
+        return FrozenInputs(self.hidden.to(device), self.mask.to(device), self.pos.to(device))
+
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, norm_stats: NormStats | None, device="cpu", *, decode_impl: str = "fast",
@@ -178,11 +181,11 @@ class VLAPolicy:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not critic_only):
             hidden = top_layers_hidden(self.model.decoder, frozen.hidden, frozen.mask, frozen.pos, first_layer)
         S = hidden.shape[1] - (ACTION_DIM - 1)
+        values = self._values(None, frozen.mask[:, :S], None, hidden[:, :S])
         if critic_only:
-            return None, None, self._values(None, frozen.mask[:, :S], None, hidden[:, :S])
+            return None, None, values
         logp, ent = action_logprobs_of(self.model, hidden[:, S - 1:], tokens, temperature=temperature,
                                        return_entropy=True)
-        values = self._values(None, frozen.mask[:, :S], None, hidden[:, :S])
         return logp, ent, values
 
     def evaluate_values(self, vision_feats, states, text_ids, text_mask) -> torch.Tensor:

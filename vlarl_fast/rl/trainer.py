@@ -24,7 +24,6 @@ from ..config import PPOConfig
 from ..envs import VectorEnv
 from ..kernels import gae
 from ..policy import VLAPolicy
-from ..policy.policy import FrozenInputs
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
 from .online_data import SuccessfulEpisodes
@@ -135,11 +134,8 @@ class PPOTrainer:
             out = pol.act(self.obs["image"], self.obs["state"], instructions, temperature=cfg.temperature,
                           generator=self.generator, capture_layer=self.first_layer)
             obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(self.obs["image"])
-            frozen = None
-            if out.frozen is not None:
-                frozen = FrozenInputs(out.frozen.hidden.cpu(), out.frozen.mask.cpu(), out.frozen.pos.cpu())
             buf.add(t, obs_store, torch.as_tensor(self.obs["state"]), out.tokens.cpu(), out.logprobs.cpu(),
-                    out.values.cpu(), instructions, frozen)
+                    out.values.cpu(), instructions, None if out.frozen is None else out.frozen.to("cpu"))
             if self.recorder is not None:
                 self.recorder.record(self.obs["image"], self.obs["state"], out.tokens.cpu().numpy(), instructions)
             next_obs, reward, term, trunc, info = self.envs.step(out.actions)
@@ -200,26 +196,12 @@ class PPOTrainer:
             for start in range(0, B, mb):
                 idx = perm[start:start + mb]
                 tokens = data["tokens"][idx].to(pol.device)
-                if self.first_layer is not None:
-                    fr = buf.frozen_rows(idx)
-                    fr = FrozenInputs(fr.hidden.to(pol.device), fr.mask.to(pol.device), fr.pos.to(pol.device))
-                    score = lambda **kw: pol.evaluate_frozen(fr, tokens, self.first_layer, **kw)  # noqa: E731
-                    critic_values = lambda: score(critic_only=True)[2]  # noqa: E731
-                else:
-                    text_ids, text_mask = pol.encode_prompts([data["instructions"][i] for i in idx])
-                    states = data["states"][idx].to(pol.device)
-                    obs = data["obs"][idx].to(pol.device)
-                    feats = obs if cfg.freeze_vision else model.encode_images(model.preprocess_images(obs))
-                    score = lambda **kw: pol.evaluate_actions(feats, states, text_ids, text_mask, tokens,  # noqa: E731
-                                                              **kw)
-                    critic_values = lambda: pol.evaluate_values(feats, states, text_ids, text_mask)  # noqa: E731
+                logp, ent_tok, values = self._score(data, idx, tokens, critic_only)
                 if critic_only:
-                    values = critic_values()
                     v_loss = 0.5 * ((values.cpu() - ret_flat[idx]) ** 2).mean()
                     loss = cfg.vf_coef * v_loss
                     pg_loss = ent = kl = cf = torch.zeros(())
                 else:
-                    logp, ent_tok, values = score(temperature=cfg.temperature)
                     mb_adv = adv_flat[idx].to(pol.device)
                     if cfg.norm_adv and not cfg.norm_adv_per_task:
                         mb_adv = normalize_advantages(mb_adv)
@@ -252,6 +234,21 @@ class PPOTrainer:
         out["explained_variance"] = explained_variance(buf.values.reshape(-1), ret_flat)
         out["skipped_updates"] = skipped
         return out
+
+    def _score(self, data: dict, idx: np.ndarray, tokens: torch.Tensor, critic_only: bool):
+        """(log-probs, entropies, values) of rollout rows ``idx`` under the current policy; ``critic_only``:
+        (None, None, values) with gradients only into the critic."""
+        pol, cfg = self.policy, self.cfg
+        if self.first_layer is not None:
+            return pol.evaluate_frozen(self.buffer.frozen_rows(idx).to(pol.device), tokens, self.first_layer,
+                                       temperature=cfg.temperature, critic_only=critic_only)
+        text_ids, text_mask = pol.encode_prompts([data["instructions"][i] for i in idx])
+        states = data["states"][idx].to(pol.device)
+        obs = data["obs"][idx].to(pol.device)
+        feats = obs if cfg.freeze_vision else pol.model.encode_images(pol.model.preprocess_images(obs))
+        if critic_only:
+            return None, None, pol.evaluate_values(feats, states, text_ids, text_mask)
+        return pol.evaluate_actions(feats, states, text_ids, text_mask, tokens, temperature=cfg.temperature)
 
     def train_iteration(self) -> IterationStats:
         t0 = time.perf_counter()
