@@ -59,10 +59,10 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
                    temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
                    impl: str = "fast", capture_layer: int | None = None) -> Decoded:
     """embeds/mask/pos: left-padded prompts from ``model.prompt_embeds``. Returns the 7 action tokens, their
-    log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's last hidden state.
+    log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's hidden states.
 
-    ``impl``: "fast" (static cache, decode steps by ``llama_step`` where the decoder is a Llama, else as
-    "static"), "static" (static cache, every step through ``decoder(...)``) or "dynamic" (transformers'
+    ``impl``: "fast" (prefill and steps by ``llama_step`` where the decoder is a Llama, else as "static"),
+    "static" (a StaticCache, prefill and every step through ``decoder(...)``) or "dynamic" (transformers'
     DynamicCache, the plainest form).
 
     ``capture_layer``: also return the inputs of that decoder layer at the prompt and the 6 fed-back token

@@ -51,14 +51,15 @@ class RolloutBuffer:
         columns last. Padding columns are masked out and carry zeros."""
         idx = np.asarray(idx)
         ts, ns = idx // self.N, idx % self.N
-        first = self.frozen[int(ts[0])]
-        L = max(self.frozen[int(t)].hidden.shape[1] for t in np.unique(ts))
+        steps = [int(t) for t in np.unique(ts)]
+        first = self.frozen[steps[0]]
+        L = max(self.frozen[t].hidden.shape[1] for t in steps)
         B, H = len(idx), first.hidden.shape[2]
         hidden = first.hidden.new_zeros(B, L, H)
         mask, pos = first.mask.new_zeros(B, L), first.pos.new_zeros(B, L)
-        for t in np.unique(ts):
+        for t in steps:
             rows = np.flatnonzero(ts == t)
-            f = self.frozen[int(t)]
+            f = self.frozen[t]
             cols = slice(L - f.hidden.shape[1], L)
             hidden[rows, cols] = f.hidden[ns[rows]]
             mask[rows, cols] = f.mask[ns[rows]]
