@@ -124,6 +124,36 @@ def test_fast_steps_with_grouped_query_attention_and_biases():
     torch.testing.assert_close(action_logprobs_of(model, h, fast.tokens), fast.logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fast_steps_follow_weight_updates_fused_or_not(fuse, monkeypatch):
+    # the fused q/k/v and gate/up copies are cached: an in-place update of the originals (an optimizer step)
+    # or a replaced weight must reach the next decode; and the unfused path (large models) must agree too
+    from vlarl_fast.policy import llama_step
+    monkeypatch.setattr(llama_step, "FUSE_MAX_BYTES", llama_step.FUSE_MAX_BYTES if fuse else 0)
+    policy = VLAPolicy(random_tiny_openvla(seed=1), build_llama_tokenizer(INSTR), None)
+    m = policy.model
+    imgs, _ = _obs(policy, 5, seed=4)
+    _, (embeds, mask, pos) = policy._prompt(imgs, None, [INSTR[i % 3] for i in range(5)])
+
+    def check():
+        fast = decode_actions(m, embeds, mask, pos, greedy=True)
+        ref = decode_actions(m, embeds, mask, pos, greedy=True, impl="static")
+        assert torch.equal(fast.tokens, ref.tokens)
+        torch.testing.assert_close(fast.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+        return fast.tokens
+
+    before = check()
+    layer = m.decoder.layers[0]
+    assert (layer in llama_step._fused) == fuse
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lin in (layer.self_attn.k_proj, layer.mlp.up_proj):
+            lin.weight.add_(torch.randn(lin.weight.shape, generator=g))
+    after = check()
+    layer.self_attn.v_proj.weight = torch.nn.Parameter(torch.randn(layer.self_attn.v_proj.weight.shape, generator=g))
+    assert not torch.equal(before, after) and not torch.equal(after, check())
+
+
 def test_bad_decoding_arguments_are_explained(openvla):
     imgs, _ = _obs(openvla, 2)
     _, (embeds, mask, pos) = openvla._prompt(imgs, None, INSTR[:2])

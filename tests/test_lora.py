@@ -100,3 +100,21 @@ def test_base_state_dict_and_bad_input():
     add_lora(policy.model, rank=2)
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(policy.model, rank=2)
+
+
+def test_rollout_logprobs_with_adapters_equal_the_training_forward():
+    # the fast decoding path must run the adapters too (peft's layers are not plain nn.Linear), or every
+    # PPO ratio of a LoRA run would compare two different policies
+    policy = _tiny_policy()
+    add_lora(policy.model, rank=4, alpha=8)
+    _perturb_adapters(policy.model)
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    states = rng.normal(size=(5, 8)).astype(np.float32)
+    instr = [INSTR[i % 2] for i in range(5)]
+    out = policy.act(imgs, states, instr, temperature=1.3, generator=torch.Generator().manual_seed(0))
+    ids, mask = policy.encode_prompts(instr)
+    with torch.no_grad():
+        lp, _, _ = policy.evaluate_actions(out.vision_feats, torch.as_tensor(states), ids, mask, out.tokens,
+                                           temperature=1.3)
+    torch.testing.assert_close(lp, out.logprobs, atol=1e-5, rtol=0)

@@ -67,10 +67,12 @@ def _compare(pv, iv, steps, seed):
 
 # --- alignment and determinism ----------------------------------------------------------------
 
-@pytest.mark.parametrize("dispatch", ["batched", "one_by_one"])
-def test_alignment_with_inprocess_through_autoresets(dispatch):
+# 3 envs on 3 workers (one each), on 2 (envs 0 and 2 share one) and on 1 (all three in one process)
+@pytest.mark.parametrize("num_workers,dispatch", [(3, "batched"), (3, "one_by_one"), (2, "batched"), (1, "batched")])
+def test_alignment_with_inprocess_through_autoresets(num_workers, dispatch):
     fns = _fns(3, max_episode_steps=12)
-    with VectorEnv(fns, backend="process") as pv, VectorEnv(fns) as iv:
+    with VectorEnv(fns, backend="process", num_workers=num_workers) as pv, VectorEnv(fns) as iv:
+        assert pv.num_workers == num_workers and len(pv.worker_pids) == num_workers
         if dispatch == "one_by_one":  # the readable dispatch path beside the batched one
             pv._start_steps = pv._start_steps_one_by_one
         assert pv.single_action_space == iv.single_action_space
@@ -81,12 +83,15 @@ def test_alignment_with_inprocess_through_autoresets(dispatch):
         _same(pv.init_states, iv.init_states, "init_states")
 
 
-def test_alignment_with_reset_options_and_manual_resets():
-    # reset_options is called in the manager at each episode end, as in-process (curriculum's path)
+@pytest.mark.parametrize("num_workers", [2, 1])
+def test_alignment_with_reset_options_and_manual_resets(num_workers):
+    # reset_options is called in the manager at each episode end, as in-process (curriculum's path);
+    # with one worker, both envs' options travel through the same pipe
     def opts(rng_holder):
         return lambda i: {"init_state": int(rng_holder.integers(3))}
     fns = _fns(2, max_episode_steps=7)
-    with VectorEnv(fns, backend="process", reset_options=opts(np.random.default_rng(1))) as pv, \
+    with VectorEnv(fns, backend="process", num_workers=num_workers,
+                   reset_options=opts(np.random.default_rng(1))) as pv, \
             VectorEnv(fns, reset_options=opts(np.random.default_rng(1))) as iv:
         assert _compare(pv, iv, 20, seed=9) >= 4
         _same(pv.reset_env(1, seed=3, options={"init_state": 2}), iv.reset_env(1, seed=3, options={"init_state": 2}),
@@ -135,7 +140,7 @@ class SlowEnv(gym.Wrapper):
 def test_send_recv_returns_first_finished_and_keeps_the_rest():
     delays = [0.6, 0.0, 0.6, 0.0]
     fns = [(lambda i=i: SlowEnv(make_env(TASKS[0], image_size=16, seed=i), delays[i])) for i in range(4)]
-    with VectorEnv(fns, backend="process", batch_size=2) as v:
+    with VectorEnv(fns, backend="process", batch_size=2, num_workers=4) as v:
         v.reset(seed=0)
         v.send(np.zeros((4, 7), np.float32), [0, 1, 2, 3])
         with pytest.raises(RuntimeError, match="still stepping"):
@@ -158,7 +163,7 @@ def test_recv_takes_the_earliest_finished_and_reports_a_restart_later(tmp_path):
     marker = str(tmp_path / "raised")
     fns = [lambda: SlowEnv(RaiseOnStep(make_env(TASKS[0], image_size=16, seed=0), 1, marker), 0.3),
            lambda: make_env(TASKS[1], image_size=16, seed=1)]
-    with VectorEnv(fns, backend="process") as v:
+    with VectorEnv(fns, backend="process", num_workers=2) as v:
         v.reset(seed=0)
         v.send(np.zeros((2, 7), np.float32), [0, 1])
         time.sleep(1.5)
@@ -202,6 +207,9 @@ def test_bad_input_has_clear_errors():
                 v.reset(seed=0)
     with pytest.raises(ValueError, match="unknown VectorEnv backend"):
         VectorEnv(_fns(1), backend="threads")
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"num_workers must be between 1 and the number of envs \(2\)"):
+            VectorEnv(_fns(2), backend="process", num_workers=bad)
 
 
 # --- crash recovery ---------------------------------------------------------------------------
@@ -230,7 +238,7 @@ def test_worker_killed_or_raising_is_restarted_others_unaffected(tmp_path):
     fns = _fns(3)
     faulty = fns[:2] + [lambda: RaiseOnStep(make_env(TASKS[2 % len(TASKS)], image_size=32, seed=102), 3, marker)]
     a = np.random.default_rng(0).uniform(-1, 1, (6, 3, 7)).astype(np.float32)
-    with VectorEnv(faulty, backend="process") as pv, VectorEnv(fns) as iv:
+    with VectorEnv(faulty, backend="process", num_workers=3) as pv, VectorEnv(fns) as iv:
         pv.reset(seed=4)
         iv.reset(seed=4)
         for s in range(6):
@@ -258,9 +266,56 @@ def test_worker_killed_or_raising_is_restarted_others_unaffected(tmp_path):
     assert not any(_alive(p) for p in pids)
 
 
+def test_shared_worker_killed_takes_its_envs_a_raising_env_only_itself(tmp_path):
+    # 4 envs on 2 workers: worker 0 serves envs 0 and 2, worker 1 envs 1 and 3
+    marker = str(tmp_path / "raised")
+    fns = _fns(4)
+    faulty = fns[:2] + [lambda: RaiseOnStep(make_env(TASKS[2], image_size=32, seed=102), 3, marker), fns[3]]
+    a = np.random.default_rng(1).uniform(-1, 1, (6, 4, 7)).astype(np.float32)
+    with VectorEnv(faulty, backend="process", num_workers=2) as pv, VectorEnv(fns) as iv:
+        assert list(pv.env_workers) == [0, 1, 0, 1]
+        pv.reset(seed=4)
+        iv.reset(seed=4)
+        pid0 = pv.worker_pids[0]
+        for s in range(6):
+            if s == 1:
+                os.kill(pv.worker_pids[1], signal.SIGKILL)
+                with pytest.warns(RuntimeWarning, match=r"signal 9(.|\n)*envs \[1, 3\]"):
+                    r1 = pv.step(a[s])
+            elif s == 2:
+                with pytest.warns(RuntimeWarning, match="env 2 restarted in its worker(.|\n)*FloatingPointError"):
+                    r1 = pv.step(a[s])
+            else:
+                r1 = pv.step(a[s])
+            r2 = iv.step(a[s])
+            # env 0 shares its worker with the raising env 2, and never failed itself
+            _same(r1[0]["image"][0], r2[0]["image"][0], f"env 0 obs at step {s}")
+            assert r1[1][0] == r2[1][0]
+            restarted = r1[4]["worker_restarted"]
+            assert list(restarted) == [False, s == 1, s == 2, s == 1]
+            assert r1[3][restarted].all() and (r1[1][restarted] == 0).all()
+        assert list(pv.restarts) == [0, 1, 1, 1]
+        assert pv.worker_pids[0] == pid0  # the raising env was rebuilt inside its worker
+
+        # an env that was idle when its worker died reports the restart at its next step
+        victim = pv.worker_pids[1]
+        os.kill(victim, signal.SIGKILL)
+        while _alive(victim):
+            time.sleep(0.01)
+        pv.send(a[0, :1], [1])
+        with pytest.warns(RuntimeWarning, match="signal 9"):
+            info = pv.recv()[4]
+        assert list(info["env_id"]) == [1] and info["worker_restarted"][0]
+        obs, rew, term, trunc, info = pv._step_ids(a[1, :2], np.array([0, 3]))
+        assert list(info["worker_restarted"]) == [False, True] and trunc[1] and not trunc[0]
+        assert list(pv._step_ids(a[2, :1], np.array([3]))[4]["worker_restarted"]) == [False]
+        pids = pv.worker_pids
+    assert not any(_alive(p) for p in pids)
+
+
 def test_hanging_step_is_killed_after_step_timeout():
     fns = [lambda: SlowEnv(make_env(TASKS[0], image_size=16, seed=0), 30.0), _fns(1, size=16)[0]]
-    with VectorEnv(fns, backend="process", step_timeout=1.0) as v:
+    with VectorEnv(fns, backend="process", step_timeout=1.0, num_workers=2) as v:
         v.reset(seed=0)
         t0 = time.monotonic()
         with pytest.warns(RuntimeWarning, match="timed out"):
@@ -299,7 +354,7 @@ def test_ctrl_c_and_killed_manager_leave_no_processes(tmp_path, mode, sig):
             # a manager that hangs on its way out dumps every thread's stack and exits (diagnosis for CI)
             faulthandler.dump_traceback_later(45, exit=True)
             fns = [(lambda i=i: make_env({TASKS[0]!r}, image_size=16, seed=i)) for i in range(2)]
-            v = VectorEnv(fns, backend="process")
+            v = VectorEnv(fns, backend="process", num_workers=2)
             v.reset(seed=0)
             print(v.batch.name, " ".join(map(str, v.worker_pids)), flush=True)
             try:

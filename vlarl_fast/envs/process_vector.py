@@ -1,4 +1,5 @@
-"""``ProcessVectorEnv``: the in-process ``VectorEnv``'s interface, with one worker process per env.
+"""``ProcessVectorEnv``: the in-process ``VectorEnv``'s interface, with the envs stepped in worker
+processes (by default one per core, each serving several envs, as EnvPool's threads do).
 
 Same semantics as ``vector.VectorEnv`` (same-step auto-reset, ``info["final_obs"]``,
 ``reset_options``, ``reset_env``, ``observations``), checked step by step against it in
@@ -17,13 +18,17 @@ Asynchronous use (EnvPool style): ``send(actions, env_ids)`` starts those envs a
 once; ``recv()`` waits for the first ``batch_size`` envs in flight to finish (all of them when
 ``batch_size`` is None) and returns their results, with ``info["env_id"]`` saying which.
 
-Recovery: a worker that dies (signal, segfault), raises, or exceeds ``step_timeout`` is restarted
-with the same factory; its env is reset with the next seed of its seed stream, and the step comes
-back ``truncated`` with ``info["worker_restarted"]`` set. The other envs are not touched.
+Recovery: an env that raises is rebuilt from its factory inside its worker; a worker that dies
+(signal, segfault) or exceeds ``step_timeout`` is replaced, with fresh envs from the same factories.
+Each env affected is reset with the next seed of its seed stream, and its step comes back
+``truncated`` with ``info["worker_restarted"]`` set (an env that was idle when its worker died
+reports so at its next step). Envs of other workers, and a raising env's worker-mates, are not
+touched.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 import warnings
 import weakref
@@ -63,34 +68,57 @@ def _batch_fields(obs_space, action_space, num_envs: int) -> dict:
     return fields
 
 
+def default_num_workers(num_envs: int) -> int:
+    """One worker per usable core (never more than envs): more processes than cores only trade
+    stepping for context switches."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(num_envs, cores))
+
+
 class _Worker:
-    def __init__(self, ctx, index: int, fn_bytes: bytes, env_vars: dict):
+    def __init__(self, ctx, index: int, env_ids: list[int], fn_bytes: list[bytes], env_vars: dict):
+        self.env_ids = env_ids
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=W.worker_main, args=(index, fn_bytes, child, env_vars),
-                                name=f"vlarl-env-{index}", daemon=True)
+        self.proc = ctx.Process(target=W.worker_main, args=(env_ids, fn_bytes, child, env_vars),
+                                name=f"vlarl-env-worker-{index}", daemon=True)
         self.proc.start()
         child.close()
+        self._errors: dict[int, list[str]] = {}
 
-    def handshake(self, timeout: float):
+    def handshake(self, timeout: float) -> list:
         if not self.conn.poll(timeout):
             raise WorkerError(f"worker {self.proc.name} sent nothing within {timeout:.0f} s of starting")
         try:
             msg = self.conn.recv()
         except EOFError:
-            raise WorkerError(f"worker {self.proc.name} exited while building its env "
+            raise WorkerError(f"worker {self.proc.name} exited while building its envs "
                               f"(exit code {self.proc.exitcode})") from None
         if msg[0] == "error":
-            raise WorkerError(msg[1])
-        return msg[1], msg[2]
+            raise WorkerError(msg[2])
+        return msg[1]
 
-    def error_message(self) -> str:
+    def _drain(self) -> None:
         try:
-            if self.conn.poll(0):
+            while self.conn.poll(0):
                 msg = self.conn.recv()
                 if msg[0] == "error":
-                    return msg[1]
+                    self._errors.setdefault(msg[1], []).append(msg[2])
         except (EOFError, OSError):
             pass
+
+    def take_errors(self, env: int) -> list[str]:
+        """The error reports about `env` (sent before its failed result was published)."""
+        self._drain()
+        return self._errors.pop(env, [])
+
+    def error_message(self) -> str:
+        self._drain()
+        reports = [m for ms in self._errors.values() for m in ms]
+        if reports:
+            return reports[-1]
         code = self.proc.exitcode
         if code is not None and code < 0:
             return f"worker killed by signal {-code}"
@@ -110,8 +138,9 @@ class _Worker:
 def _shutdown(workers: list, batch) -> None:
     """Close everything: ask each worker to exit, then kill stragglers, then unlink the batch."""
     if batch is not None and not batch.closed:
-        for i, w in enumerate(workers):
+        for w in workers:
             if w is not None and w.proc.is_alive():
+                i = w.env_ids[0]  # a CLOSE in any of its slots ends a worker
                 batch.slot("ctl", i)[0] = W.CLOSE
                 batch.set_state(i, W.CMD)
     for w in workers:
@@ -125,7 +154,7 @@ class ProcessVectorEnv(VectorEnvBase):
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
                  autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
                  start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None,
-                 render_devices: Sequence[int] | str | None = "auto"):
+                 render_devices: Sequence[int] | str | None = "auto", num_workers: int | None = None):
         from .._ext import require_ext
         C = require_ext()
         import cloudpickle
@@ -136,23 +165,35 @@ class ProcessVectorEnv(VectorEnvBase):
         self.batch_size, self.step_timeout, self.start_timeout = batch_size, step_timeout, start_timeout
         self._ctx = mp.get_context(start_method)
         self._fn_bytes = [cloudpickle.dumps(fn) for fn in env_fns]
+        self.num_workers = nw = default_num_workers(n) if num_workers is None else int(num_workers)
+        if not 1 <= nw <= n:
+            raise ValueError(f"num_workers must be between 1 and the number of envs ({n}); got {num_workers}")
+        # env i is served by worker i % num_workers: any contiguous group of envs (an async half,
+        # say) is spread over every worker
+        self._owner = np.arange(n) % nw
+        self._worker_envs = [np.flatnonzero(self._owner == w) for w in range(nw)]
         if worker_env is None or isinstance(worker_env, dict):
-            worker_env = [dict(worker_env or {})] * n
+            worker_env = [dict(worker_env or {})] * nw
+        if len(worker_env) != nw:
+            raise ValueError(f"worker_env holds {len(worker_env)} dicts for {nw} workers")
         # render devices: "auto" = the GPUs NVML shows (narrowed by CUDA_VISIBLE_DEVICES), spread
         # evenly; None or no GPU = CPU rendering. Measured-cost rebalancing is balance.assign_devices.
         from .balance import worker_render_envs
         gpus = None if render_devices == "auto" else list(render_devices or [])
-        render = worker_render_envs(n, gpus)
+        render = worker_render_envs(nw, gpus)
         # llvmpipe otherwise spreads each render over every core, fighting the other workers
         self._worker_env = [{"LP_NUM_THREADS": "1", **r, **e} for r, e in zip(render, worker_env)]
-        self._workers: list[_Worker | None] = [None] * n
+        self._workers: list[_Worker | None] = [None] * nw
         self.batch = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, None)
         try:
-            for i in range(n):
-                self._workers[i] = _Worker(self._ctx, i, self._fn_bytes[i], self._worker_env[i])
-            spaces = [w.handshake(start_timeout) for w in self._workers]
+            for w in range(nw):
+                self._workers[w] = self._new_worker(w)
+            spaces: list = [None] * n
+            for w, wk in enumerate(self._workers):
+                for i, sp in zip(self._worker_envs[w], wk.handshake(start_timeout)):
+                    spaces[i] = sp
             self.single_observation_space, self.single_action_space = spaces[0]
             for i, (o, a) in enumerate(spaces[1:], 1):
                 if o != spaces[0][0] or a != spaces[0][1]:
@@ -183,7 +224,12 @@ class ProcessVectorEnv(VectorEnvBase):
         self._busy = np.zeros(n, dtype=bool)  # in flight: started, result not yet returned
         self._started = np.zeros(n, dtype=np.float64)  # time.monotonic() when each was started
         self._failed: dict[int, str] = {}  # env id -> why its worker was restarted (not yet reported)
+        self._lost_idle: dict[int, str] = {}  # the same for envs that were idle: reported at their next step
         self._lost_stats: dict[int, tuple[float, int]] = {}
+
+    def _new_worker(self, w: int) -> _Worker:
+        ids = self._worker_envs[w].tolist()
+        return _Worker(self._ctx, w, ids, [self._fn_bytes[i] for i in ids], self._worker_env[w])
 
     # ---- dispatch and collection -------------------------------------------------------------
     def _obs_rows(self, ids, prefix: str = "") -> dict:
@@ -198,7 +244,7 @@ class ProcessVectorEnv(VectorEnvBase):
             ctl[1] = 0 if seed is None else int(seed)
             if options is not None:
                 flags[W.F_HAS_OPTIONS] = 1
-                self._workers[i].conn.send(options)
+                self._workers[self._owner[i]].conn.send((i, options))
         else:
             flags[W.F_AUTORESET] = self.autoreset and self.reset_options is None
         self._started[i] = time.monotonic()
@@ -225,59 +271,97 @@ class ProcessVectorEnv(VectorEnvBase):
         """Wait until `count` of `ids` have finished (DONE, or restarted after a failure, which is
         recorded in self._failed). Returns the finished ids, restarted ones first, then in the order
         they finished (possibly more than `count`); they stay in flight until _finish."""
-        ids = np.asarray(ids, dtype=np.int64)
-        done: list[int] = [i for i in ids.tolist() if i in self._failed] if self._failed else []
-        pending = ids[~np.isin(ids, done)] if done else ids
-        while len(done) < count:
+        pending = np.asarray(ids, dtype=np.int64)
+        done: list[int] = []
+        while True:
+            if self._failed:
+                restarted = [i for i in pending.tolist() if i in self._failed]
+                if restarted:
+                    done += restarted
+                    pending = pending[~np.isin(pending, restarted)]
+            if len(done) >= count:
+                return done
             ready = self.batch.wait_slots(pending, W.DONE, min_count=count - len(done), timeout=_WAIT_SLICE_S)
             if len(ready):
                 failed = self._a["flags"][ready, W.F_ERROR] != 0
-                self._consecutive[ready[~failed]] = 0
+                ok = ready[~failed]
+                self._consecutive[ok] = 0
+                done += ok.tolist()
+                pending = pending[~np.isin(pending, ok)]
                 for i in ready[failed].tolist():
-                    self._failed[i] = self._restart(i)
-                done += ready.tolist()
-                pending = pending[~np.isin(pending, ready)]
-            if len(done) < count:
-                done += self._recover_lost(pending)
-                pending = pending[~np.isin(pending, done)]
-        return done
+                    self._env_failed(i)  # marks it (and, if its worker went, its worker-mates) failed
+            elif len(pending):
+                self._recover_lost(pending)
 
-    def _recover_lost(self, pending: np.ndarray) -> list[int]:
-        """Restart the workers of `pending` that died or overran step_timeout; returns their ids."""
-        now, lost = time.monotonic(), []
-        for i in pending.tolist():
-            w = self._workers[i]
-            late = self.step_timeout is not None and now - self._started[i] > self.step_timeout
-            if self.batch.state(i) != W.DONE and (not w.proc.is_alive() or late):
-                self._failed[i] = self._restart(i, timed_out=late and w.proc.is_alive())
-                lost.append(i)
-        return lost
+    def _env_failed(self, i: int) -> None:
+        """Env i published a failed result: its worker rebuilt it (reset it on its seed stream here),
+        or could not and exits (replace the worker)."""
+        w = int(self._owner[i])
+        reports = self._workers[w].take_errors(i)
+        why = reports[0] if reports else "env failed"
+        if len(reports) > 1 or not self._workers[w].proc.is_alive():
+            self._restart_worker(w, reports[-1] if reports else why)
+            return
+        self._count_failure([i], why, f"env {i} restarted in its worker")
+        self.batch.set_state(i, W.IDLE)
+        self._reset_lost(i)
+        self._mark_lost(i, why)
 
-    def _restart(self, i: int, timed_out: bool = False) -> str:
-        """Replace worker i by a fresh one with the same factory; reset its env on its seed stream."""
-        old = self._workers[i]
-        # episode statistics up to the last completed step, reported with the truncated step
-        self._lost_stats[i] = (float(self._ep_return[i]), int(self._ep_len[i]))
+    def _recover_lost(self, pending: np.ndarray) -> None:
+        """Replace the workers of `pending` envs that died or overran step_timeout."""
+        now = time.monotonic()
+        for w in np.unique(self._owner[pending]).tolist():
+            mine = pending[self._owner[pending] == w]
+            unfinished = mine[self.batch.states()[mine] != W.DONE]
+            if not len(unfinished):
+                continue
+            alive = self._workers[w].proc.is_alive()
+            late = self.step_timeout is not None and bool((now - self._started[unfinished] > self.step_timeout).any())
+            if not alive or late:
+                self._restart_worker(w, "step timed out" if late and alive else None, timed_out=late and alive)
+
+    def _count_failure(self, ids, why: str, what: str) -> None:
+        for i in ids:
+            # episode statistics up to the last completed step, reported with the truncated step
+            self._lost_stats[i] = (float(self._ep_return[i]), int(self._ep_len[i]))
+            self._consecutive[i] += 1
+            if self._consecutive[i] > MAX_CONSECUTIVE_RESTARTS:
+                raise WorkerError(f"env {i} failed {MAX_CONSECUTIVE_RESTARTS + 1} times in a row; last failure: {why}")
+            self._restarts[i] += 1
+        warnings.warn(f"{what} ({why.strip().splitlines()[-1]}); its episode is cut short" if len(ids) == 1 else
+                      f"{what} ({why.strip().splitlines()[-1]}); the episodes of envs {list(ids)} are cut short",
+                      RuntimeWarning, stacklevel=5)
+
+    def _restart_worker(self, w: int, why: str | None = None, timed_out: bool = False) -> None:
+        """Replace worker w by a fresh one with the same factories; reset its envs on their seed streams."""
+        old = self._workers[w]
         if timed_out:
             old.proc.kill()
         old.proc.join(5.0)
-        why = "step timed out" if timed_out else old.error_message()
+        why = why or old.error_message()
         old.stop(0.5)
-        self._consecutive[i] += 1
-        if self._consecutive[i] > MAX_CONSECUTIVE_RESTARTS:
-            raise WorkerError(f"env {i} failed {MAX_CONSECUTIVE_RESTARTS + 1} times in a row; last failure: {why}")
-        warnings.warn(f"env worker {i} restarted ({why.strip().splitlines()[-1]}); its episode is cut short",
-                      RuntimeWarning, stacklevel=4)
-        self._restarts[i] += 1
-        self.batch.set_state(i, W.IDLE)
-        w = _Worker(self._ctx, i, self._fn_bytes[i], self._worker_env[i])
-        self._workers[i] = w
-        w.handshake(self.start_timeout)
-        w.send_batch(self.batch)
+        envs = self._worker_envs[w].tolist()
+        self._count_failure(envs, why, f"env worker {w} restarted")
+        # before the new worker attaches: it must not find stale commands in its slots
+        self.batch.set_states(self._worker_envs[w], W.IDLE)
+        self._workers[w] = new = self._new_worker(w)
+        new.handshake(self.start_timeout)
+        new.send_batch(self.batch)
+        for i in envs:
+            self._reset_lost(i)
+            self._mark_lost(i, why)
+
+    def _reset_lost(self, i: int) -> None:
         seed = self._seeds[i]
         seed = None if seed is None else seed + RESTART_SEED_STRIDE * int(self._restarts[i])
         self._reset_now(i, seed, self.reset_options(i) if self.reset_options is not None else None)
-        return why
+
+    def _mark_lost(self, i: int, why: str) -> None:
+        # an env in flight reports its restart when its result is collected; an idle one at its next step
+        if self._busy[i]:
+            self._failed[i] = why
+        else:
+            self._lost_idle[i] = why
 
     def _reset_now(self, i: int, seed, options) -> None:
         # a restart resets an env that is still in flight: it stays so until its step is returned
@@ -311,6 +395,7 @@ class ProcessVectorEnv(VectorEnvBase):
             options = self.reset_options(i)
         if seed is not None:
             self._seeds[i] = int(seed)
+        self._lost_idle.pop(i, None)  # its lost episode is replaced by this one anyway
         self._reset_now(i, seed, options)
         return {k: v[0] for k, v in self._obs_rows([i]).items()}
 
@@ -330,7 +415,13 @@ class ProcessVectorEnv(VectorEnvBase):
 
     @property
     def worker_pids(self) -> list[int]:
+        """Process id of each worker (worker w serves envs w, w + num_workers, ...)."""
         return [w.proc.pid for w in self._workers if w is not None]
+
+    @property
+    def env_workers(self) -> np.ndarray:
+        """Index of the worker serving each env."""
+        return self._owner.copy()
 
     # ---- gymnasium vector API ----------------------------------------------------------------
     def reset(self, *, seed: int | Sequence[int] | None = None, options: dict | None = None):
@@ -341,6 +432,7 @@ class ProcessVectorEnv(VectorEnvBase):
             self.batch.set_states(busy[self.batch.states()[busy] == W.DONE], W.IDLE)
             self._busy[:] = False
             self._failed.clear()
+        self._lost_idle.clear()
         n = self.num_envs
         if seed is None or isinstance(seed, (int, np.integer)):
             seeds = [None if seed is None else int(seed) + i for i in range(n)]
@@ -388,6 +480,12 @@ class ProcessVectorEnv(VectorEnvBase):
         self._check_open()
         actions = self._check_actions(actions, ids)
         self._a["action"][ids] = actions  # same-kind cast checked above
+        if self._lost_idle:  # their worker died while they were idle: nothing to step, report the restart
+            lost = [i for i in ids.tolist() if i in self._lost_idle]
+            for i in lost:
+                self._failed[i] = self._lost_idle.pop(i)
+                self._busy[i] = True
+            ids = ids[~np.isin(ids, lost)]
         self._start_steps(ids)
 
     def _collect(self, ids: np.ndarray, restarted: dict[int, str]):

@@ -1,17 +1,26 @@
-"""Worker processes for the vectorised env manager: one env per process, results in shared memory.
+"""Worker processes for the vectorised env manager: one or several envs per process, results in
+shared memory.
 
-Each worker runs a short loop around one env factory. Per env there is one slot of the shared
+Each worker runs a short loop around its envs' factories (EnvPool's layout: fewer workers than
+envs, about one per core, so that the cores step envs instead of switching between processes). Per
+env there is one slot of the shared
 batch (vlarl_fast._C.SharedBatch): observations, the action, reward, flags and reset info are
 written in place there, and the slot's state word says whose turn it is:
 
     IDLE --manager writes action/command, sets CMD--> CMD --worker runs it, writes results--> DONE
     DONE --manager reads the results--> IDLE
 
-Waiting happens in C++ on futexes with the GIL released; a worker publishes its result and waits
-for its next command in one call. Rare, variable-size messages (the spaces at start-up, reset
-options, an exception's traceback) go through a pipe per worker; the batch itself comes as a file
+Waiting happens in C++ on futexes with the GIL released: a worker with one env sleeps on its
+slot's state word; a worker with several sleeps until any of its slots holds a command and runs
+every command it finds, publishing each result as soon as it is written. Rare, variable-size
+messages (the spaces at start-up, reset options, an exception's traceback), each tagged with its
+env id, go through a pipe per worker; the batch itself comes as a file
 descriptor over that pipe (a Unix socket), so its name can be unlinked before any worker attaches
 and no crash leaves an entry in /dev/shm.
+
+An env that raises is rebuilt from its factory inside the worker (the manager then resets it on its
+seed stream); the worker's other envs go on. A worker that cannot rebuild it, dies or hangs is
+replaced by the manager with all of its envs.
 
 A worker ignores SIGINT (Ctrl-C is the manager's to handle; it then closes the workers) and asks
 the kernel to kill it when its parent dies, so an interrupted or killed manager leaves nothing.
@@ -108,58 +117,98 @@ class _Slot:
         self.flags[F_RESET] = 1
 
 
-def worker_main(index: int, fn_bytes: bytes, conn, env_vars: dict) -> None:
-    """Entry point of a worker process (spawned: module level, importable)."""
+class _Inbox:
+    """The worker's end of its pipe: messages for one env, taken in order, others kept for later."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.kept: dict[int, list] = {}
+
+    def take(self, env: int):
+        while not self.kept.get(env):
+            i, msg = self.conn.recv()
+            self.kept.setdefault(i, []).append(msg)
+        return self.kept[env].pop(0)
+
+
+def _build(fn_bytes: bytes):
+    import cloudpickle
+    return cloudpickle.loads(fn_bytes)()
+
+
+def worker_main(env_ids: list[int], fn_bytes: list[bytes], conn, env_vars: dict) -> None:
+    """Entry point of a worker process serving the slots `env_ids` (spawned: module level, importable)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     parent = os.getppid()
-    # before the factory runs: llvmpipe and MuJoCo's EGL read these when the first context is made
+    # before the factories run: llvmpipe and MuJoCo's EGL read these when the first context is made
     os.environ.update({k: str(v) for k, v in env_vars.items()})
+    envs: dict[int, object] = {}
     try:
-        import cloudpickle
-        env = cloudpickle.loads(fn_bytes)()
-        conn.send(("spaces", env.observation_space, env.action_space))
-    except BaseException:
-        conn.send(("error", f"env factory {index} failed to build the env:\n{traceback.format_exc()}"))
-        return
-    if conn.recv()[0] != "batch":
-        env.close()
-        return
-    batch = _receive_batch(conn)
-    slot = _Slot(batch, index, list(env.observation_space.spaces))
-    try:
-        has_cmd = batch.wait(index, CMD, timeout=PARENT_CHECK_S)
-        while True:
-            if not has_cmd:
-                if os.getppid() != parent:
-                    return
-                has_cmd = batch.wait(index, CMD, timeout=PARENT_CHECK_S)
-                continue
+        for i, fb in zip(env_ids, fn_bytes):
+            try:
+                envs[i] = _build(fb)
+            except BaseException:
+                conn.send(("error", i, f"env factory {i} failed to build the env:\n{traceback.format_exc()}"))
+                return
+        conn.send(("spaces", [(envs[i].observation_space, envs[i].action_space) for i in env_ids]))
+        if conn.recv()[0] != "batch":
+            return
+        batch = _receive_batch(conn)
+        keys = list(envs[env_ids[0]].observation_space.spaces)
+        slots = {i: _Slot(batch, i, keys) for i in env_ids}
+        factories = dict(zip(env_ids, fn_bytes))
+        _serve(batch, envs, slots, factories, _Inbox(conn), conn, parent)
+    finally:
+        for env in envs.values():
+            try:
+                env.close()
+            except Exception:
+                pass
+
+
+def _serve(batch, envs: dict, slots: dict, factories: dict, inbox: _Inbox, conn, parent: int) -> None:
+    ids = np.array(sorted(envs), dtype=np.int64)
+    if len(ids) == 1:  # sleep on the slot's own word: only a command for it wakes us
+        one = int(ids[0])
+        def commands():
+            return [one] if batch.wait(one, CMD, timeout=PARENT_CHECK_S) else []
+    else:  # woken by any state change, re-scans in C++; returns the commands oldest first
+        def commands():
+            return batch.wait_slots(ids, CMD, min_count=1, timeout=PARENT_CHECK_S).tolist()
+    while True:
+        ready = commands()
+        if not ready and os.getppid() != parent:
+            return
+        for i in ready:
+            slot = slots[i]
             cmd = int(slot.ctl[0])
             if cmd == CLOSE:
-                batch.set_state(index, DONE)
+                batch.set_state(i, DONE)
                 return
             try:
-                _run(env, slot, cmd, conn)
+                _run(envs[i], slot, cmd, inbox, i)
             except BaseException:
-                # report and exit: the manager restarts this worker with a fresh env
-                conn.send(("error", f"env {index} raised:\n{traceback.format_exc()}"))
+                conn.send(("error", i, f"env {i} raised:\n{traceback.format_exc()}"))
                 slot.flags[F_ERROR] = 1
-                batch.set_state(index, DONE)
-                return
-            has_cmd = batch.publish_and_wait(index, DONE, CMD, timeout=PARENT_CHECK_S)
-    finally:
-        try:
-            env.close()
-        except Exception:
-            pass
+                try:  # a fresh env from the same factory; the manager resets it on its seed stream
+                    envs.pop(i).close()
+                except Exception:
+                    pass
+                try:
+                    envs[i] = _build(factories[i])
+                except BaseException:
+                    conn.send(("error", i, f"env factory {i} failed to rebuild the env:\n{traceback.format_exc()}"))
+                    batch.set_state(i, DONE)
+                    return  # the manager replaces this worker
+            batch.set_state(i, DONE)
 
 
-def _run(env, slot: _Slot, cmd: int, conn) -> None:
+def _run(env, slot: _Slot, cmd: int, inbox: _Inbox, i: int) -> None:
     flags = slot.flags
     if cmd == RESET:
         seed = int(slot.ctl[1]) if flags[F_HAS_SEED] else None
-        options = conn.recv() if flags[F_HAS_OPTIONS] else None
+        options = inbox.take(i) if flags[F_HAS_OPTIONS] else None
         flags[:] = 0
         obs, info = env.reset(seed=seed, options=options)
         slot.write_obs(obs, slot.obs)

@@ -26,6 +26,7 @@ through the same ``action_logprobs``.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,8 @@ from . import llama_step
 from .action_tokenizer import ACTION_DIM
 
 IMPLS = ("fast", "static", "dynamic")
+# transformers renamed create_causal_mask's past_key_values to cache (the old name goes in 5.40)
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass
@@ -140,7 +143,7 @@ def top_layers_hidden(decoder, hidden: torch.Tensor, mask: torch.Tensor, pos: to
     positions [B, L]) -> final hidden states [B, L, H]: the same arithmetic as ``decoder.forward`` (its mask,
     its rotary tables, its layers, its norm), minus the layers below."""
     causal = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
-                                past_key_values=None, position_ids=pos)
+                                position_ids=pos, **{_MASK_CACHE_ARG: None})
     rope = decoder.rotary_emb(hidden, position_ids=pos)
     for layer in decoder.layers[first_layer:decoder.config.num_hidden_layers]:
         hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
