@@ -233,34 +233,39 @@ class RaiseOnStep(gym.Wrapper):
         return self.env.step(action)
 
 
+def _step_through_failures(pv, iv, a, *, kill_worker: int, healthy: int, warn: dict, restarted_at):
+    """Step the process VectorEnv `pv` and the in-process `iv` side by side over actions `a`, killing
+    worker `kill_worker` before step 1; `warn[s]`: the restart warning step s must give; env `healthy`
+    must equal the reference at every step; `restarted_at(s)`: the expected worker_restarted flags."""
+    pv.reset(seed=4)
+    iv.reset(seed=4)
+    for s in range(len(a)):
+        if s == 1:
+            os.kill(pv.worker_pids[kill_worker], signal.SIGKILL)  # mid-episode, between steps
+        if s in warn:
+            with pytest.warns(RuntimeWarning, match=warn[s]):
+                r1 = pv.step(a[s])
+        else:
+            r1 = pv.step(a[s])
+        r2 = iv.step(a[s])
+        _same(r1[0]["image"][healthy], r2[0]["image"][healthy], f"env {healthy} obs at step {s}")
+        assert r1[1][healthy] == r2[1][healthy]
+        restarted = r1[4]["worker_restarted"]
+        assert list(restarted) == restarted_at(s)
+        if restarted.any():
+            assert r1[3][restarted].all() and r1[4]["done"][restarted].all() and "final_obs" in r1[4]
+            assert (r1[1][restarted] == 0).all()
+
+
 def test_worker_killed_or_raising_is_restarted_others_unaffected(tmp_path):
     marker = str(tmp_path / "raised")
     fns = _fns(3)
     faulty = fns[:2] + [lambda: RaiseOnStep(make_env(TASKS[2 % len(TASKS)], image_size=32, seed=102), 3, marker)]
     a = np.random.default_rng(0).uniform(-1, 1, (6, 3, 7)).astype(np.float32)
     with VectorEnv(faulty, backend="process", num_workers=3) as pv, VectorEnv(fns) as iv:
-        pv.reset(seed=4)
-        iv.reset(seed=4)
-        for s in range(6):
-            if s == 1:
-                os.kill(pv.worker_pids[0], signal.SIGKILL)  # mid-episode, between steps
-            if s == 2:
-                with pytest.warns(RuntimeWarning, match="FloatingPointError"):
-                    r1 = pv.step(a[s])
-            elif s == 1:
-                with pytest.warns(RuntimeWarning, match="signal 9"):
-                    r1 = pv.step(a[s])
-            else:
-                r1 = pv.step(a[s])
-            r2 = iv.step(a[s])
-            # env 1 never failed: its data equal the reference's at every step
-            _same(r1[0]["image"][1], r2[0]["image"][1], f"env 1 obs at step {s}")
-            assert r1[1][1] == r2[1][1]
-            restarted = r1[4]["worker_restarted"]
-            assert list(restarted) == [s == 1, False, s == 2]
-            if restarted.any():
-                assert r1[3][restarted].all() and r1[4]["done"][restarted].all() and "final_obs" in r1[4]
-                assert (r1[1][restarted] == 0).all()
+        _step_through_failures(pv, iv, a, kill_worker=0, healthy=1,
+                               warn={1: "signal 9", 2: "FloatingPointError"},
+                               restarted_at=lambda s: [s == 1, False, s == 2])
         assert list(pv.restarts) == [1, 0, 1]
         pids = pv.worker_pids
     assert not any(_alive(p) for p in pids)
@@ -274,26 +279,12 @@ def test_shared_worker_killed_takes_its_envs_a_raising_env_only_itself(tmp_path)
     a = np.random.default_rng(1).uniform(-1, 1, (6, 4, 7)).astype(np.float32)
     with VectorEnv(faulty, backend="process", num_workers=2) as pv, VectorEnv(fns) as iv:
         assert list(pv.env_workers) == [0, 1, 0, 1]
-        pv.reset(seed=4)
-        iv.reset(seed=4)
         pid0 = pv.worker_pids[0]
-        for s in range(6):
-            if s == 1:
-                os.kill(pv.worker_pids[1], signal.SIGKILL)
-                with pytest.warns(RuntimeWarning, match=r"signal 9(.|\n)*envs \[1, 3\]"):
-                    r1 = pv.step(a[s])
-            elif s == 2:
-                with pytest.warns(RuntimeWarning, match="env 2 restarted in its worker(.|\n)*FloatingPointError"):
-                    r1 = pv.step(a[s])
-            else:
-                r1 = pv.step(a[s])
-            r2 = iv.step(a[s])
-            # env 0 shares its worker with the raising env 2, and never failed itself
-            _same(r1[0]["image"][0], r2[0]["image"][0], f"env 0 obs at step {s}")
-            assert r1[1][0] == r2[1][0]
-            restarted = r1[4]["worker_restarted"]
-            assert list(restarted) == [False, s == 1, s == 2, s == 1]
-            assert r1[3][restarted].all() and (r1[1][restarted] == 0).all()
+        # env 0 shares its worker with the raising env 2, and never failed itself
+        _step_through_failures(pv, iv, a, kill_worker=1, healthy=0,
+                               warn={1: r"signal 9(.|\n)*envs \[1, 3\]",
+                                     2: "env 2 restarted in its worker(.|\n)*FloatingPointError"},
+                               restarted_at=lambda s: [False, s == 1, s == 2, s == 1])
         assert list(pv.restarts) == [0, 1, 1, 1]
         assert pv.worker_pids[0] == pid0  # the raising env was rebuilt inside its worker
 
