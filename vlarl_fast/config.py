@@ -32,14 +32,13 @@ class EnvConfig:
     max_episode_steps: int | None = None
     """Episode limit instead of each task's own (quick checks; not for benchmark numbers)."""
     backend: Literal["auto", "inprocess", "process"] = "auto"
-    """Where envs step: 'process' = the C++-backed worker-process manager (one process per env, render
-    devices balanced over the GPUs); 'inprocess' = the calling process. 'auto': LIBERO process (its steps
-    take tens of milliseconds each), tabletop in-process (about 1.6 ms a step: the default run's rollouts
-    spend less time stepping than decoding)."""
+    """Where envs step: 'process' = the C++-backed worker-process manager (one worker process per core, each
+    serving several envs; render devices balanced over the GPUs); 'inprocess' = the calling process, one env
+    after another. 'auto': 'process' where the compiled extension is usable, else 'inprocess'."""
 
 
 ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 48,
-                             "backend": "inprocess"},
+                             "backend": "process"},
                 "libero": {"suite": "libero_spatial", "image_size": 224, "reward": "sparse", "num_envs": 8,
                            "backend": "process"}}
 
@@ -61,7 +60,10 @@ def resolve_env(env: EnvConfig) -> EnvConfig:
     reward = env.reward or d["reward"]
     if env.benchmark == "libero" and reward != "sparse":
         raise ValueError("LIBERO has only the sparse success reward: drop --env.reward or set it to sparse")
-    backend = d["backend"] if env.backend == "auto" else env.backend
+    backend = env.backend
+    if backend == "auto":
+        from ._ext import EXT_AVAILABLE
+        backend = d["backend"] if EXT_AVAILABLE else "inprocess"
     return dataclasses.replace(env, suite=suite, image_size=env.image_size or d["image_size"], reward=reward,
                                num_envs=env.num_envs or d["num_envs"], backend=backend)
 

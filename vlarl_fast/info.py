@@ -79,6 +79,17 @@ def _extension() -> dict:
         return {"usable": False, "build": None, "error": f"{type(e).__name__}: {e}"}
 
 
+def _env_stepping(ext_usable: bool) -> str:
+    if not ext_usable:
+        return "in-process only (the worker-process manager needs the extension; --env.backend auto steps in-process)"
+    try:
+        from .envs.process_vector import default_num_workers
+        cores = default_num_workers(1 << 16)
+    except Exception as e:
+        return f"worker processes unavailable ({type(e).__name__}: {e})"
+    return f"worker processes (--env.backend auto): one per core, {cores} here, each serving several envs"
+
+
 def _triton(cuda: bool) -> str:
     if _version("triton") is None:
         return "not installed (the kernels use their torch paths)"
@@ -251,6 +262,7 @@ def format_info(info: dict) -> str:
     suites = info["suites"]
     lines += ["", "components:",
               f"  C++ extension {'usable (' + _fmt_build(ext['build']) + ')' if ext['usable'] else 'NOT usable: ' + str(ext['error'])}",
+              f"  env stepping  {_env_stepping(ext['usable'])}",
               f"  Triton        {info['triton']}",
               f"  attention     {info['attention']}",
               f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",

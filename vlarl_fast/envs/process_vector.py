@@ -364,14 +364,21 @@ class ProcessVectorEnv(VectorEnvBase):
             self._lost_idle[i] = why
 
     def _reset_now(self, i: int, seed, options) -> None:
+        self._reset_many([i], [seed], [options])
+
+    def _reset_many(self, ids: list[int], seeds: list, options: list) -> None:
+        """Reset envs `ids` together (every worker resets its share at once) and read their reset info."""
+        ids_arr = np.asarray(ids, dtype=np.int64)
         # a restart resets an env that is still in flight: it stays so until its step is returned
-        in_flight = bool(self._busy[i])
-        self._start(i, W.RESET, seed=seed, options=options)
-        self._wait([i], 1)
-        self._busy[i] = in_flight
-        if self._failed.pop(i, None) is None:  # else a restart has reset it and read its info
-            self._read_reset_info(i)
-            self.batch.set_state(i, W.IDLE)
+        in_flight = self._busy[ids_arr].copy()
+        for i, seed, opts in zip(ids, seeds, options):
+            self._start(i, W.RESET, seed=seed, options=opts)
+        self._wait(ids_arr, len(ids))
+        self._busy[ids_arr] = in_flight
+        for i in ids:
+            if self._failed.pop(i, None) is None:  # else a restart has reset it and read its info
+                self._read_reset_info(i)
+                self.batch.set_state(i, W.IDLE)
 
     def _read_reset_info(self, i: int) -> None:
         text = self._a["text"][i]
@@ -441,19 +448,13 @@ class ProcessVectorEnv(VectorEnvBase):
             if len(seeds) != n:
                 raise ValueError(f"reset got {len(seeds)} seeds for {n} envs")
         per_env = options.get("per_env") if options else None
+        opts = []
         for i in range(n):  # reset_options(i) in env order, as the in-process VectorEnv calls it
-            opts = per_env[i] if per_env else None
-            if opts is None and self.reset_options is not None:
-                opts = self.reset_options(i)
+            o = per_env[i] if per_env else None
+            opts.append(self.reset_options(i) if o is None and self.reset_options is not None else o)
             if seeds[i] is not None:
                 self._seeds[i] = int(seeds[i])
-            self._start(i, W.RESET, seed=seeds[i], options=opts)
-        self._wait(range(n), n)
-        self._busy[:] = False
-        for i in range(n):
-            if self._failed.pop(i, None) is None:
-                self._read_reset_info(i)
-                self.batch.set_state(i, W.IDLE)
+        self._reset_many(list(range(n)), seeds, opts)
         ids = np.arange(n)
         return self._obs_rows(ids), self._info(ids)
 
@@ -514,12 +515,16 @@ class ProcessVectorEnv(VectorEnvBase):
         for j in np.flatnonzero(was_restarted):
             # the restart has reset the env already; report the episode up to its last completed step
             ep_ret[j], ep_len[j] = self._lost_stats.pop(int(ids[j]), (0.0, 0))
+        to_reset, opts = [], []
         for j in np.flatnonzero(ended):  # once per episode, in env order as in-process
             i = int(ids[j])
             if reset_in_worker[j]:
                 self._read_reset_info(i)
             elif self.autoreset:
-                self._reset_now(i, None, self.reset_options(i) if self.reset_options is not None else None)
+                to_reset.append(i)
+                opts.append(self.reset_options(i) if self.reset_options is not None else None)
+        if to_reset:
+            self._reset_many(to_reset, [None] * len(to_reset), opts)
         self.batch.set_states(ok_ids, W.IDLE)
         if final_obs is not None and was_restarted.any():
             # a killed worker's last observation is gone: the final obs is the fresh episode's first
