@@ -124,6 +124,16 @@ def test_short_train_options_and_benchmark_defaults():
         resolve_env(EnvConfig(benchmark="libero", reward="dense"))
 
 
+@pytest.mark.parametrize("ext", [True, False])
+def test_backend_auto_uses_worker_processes_where_the_extension_is(monkeypatch, ext):
+    from vlarl_fast import _ext
+    from vlarl_fast.config import EnvConfig, resolve_env
+    monkeypatch.setattr(_ext, "EXT_AVAILABLE", ext)
+    for bench in ("tabletop", "libero"):
+        assert resolve_env(EnvConfig(benchmark=bench)).backend == ("process" if ext else "inprocess")
+        assert resolve_env(EnvConfig(benchmark=bench, backend="inprocess")).backend == "inprocess"
+
+
 def test_train_on_libero_needs_a_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no scripted expert"):
         main(["train", "--env", "libero", "--output-dir", str(tmp_path)])
