@@ -1,12 +1,16 @@
 """Env steps per second on the tabletop suite with rendering: the worker-process VectorEnv (sync
 step, and async send/recv over two halves) against gymnasium's AsyncVectorEnv(shared_memory=True)
-over the same env factories, and against the limit = one env stepped in-process x cores.
+over the same env factories, and against the limit = the same envs stepped in-process x cores.
 
-The limit is measured honestly: the single env runs in a fresh process with LP_NUM_THREADS=1
-(llvmpipe otherwise renders one frame on every core), as each worker does. Every worker of both
-managers gets LP_NUM_THREADS=1 too. Ratios matter; absolute rates on a shared machine are noise.
-Under ``--benchmark-disable`` only the 2-env cases run, for a few steps, as a smoke test.
+The limit is measured honestly: the envs step one after another in a fresh process with
+LP_NUM_THREADS=1 (llvmpipe otherwise renders one frame on every core), as each worker does; over the
+same mix of tasks and the same actions as the managers, so a costlier task cannot flatter the ratio.
+Every worker of both managers gets LP_NUM_THREADS=1 too. Each figure is the median of three rounds
+of about a second, the four paths taking turns, so that load from other processes hits them alike;
+ratios matter, absolute rates on a shared machine are noise. Under ``--benchmark-disable`` only the
+2-env cases run, for a few steps, as a smoke test.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,30 +26,46 @@ from vlarl_fast.envs import VectorEnv, list_tasks, make_env
 TASKS = list_tasks("tabletop")
 CORES = len(os.sched_getaffinity(0))
 
-_SINGLE = """
-import sys, time, numpy as np
-from vlarl_fast.envs import make_env
-env = make_env(sys.argv[1], image_size=int(sys.argv[2]), seed=0)
-env.reset(seed=0)
-rng = np.random.default_rng(0)
-n = int(sys.argv[3])
-acts = rng.uniform(-1, 1, (n, 7)).astype(np.float32)
-for a in acts[:3]:
-    env.step(a)
-t0 = time.perf_counter()
-for a in acts:
-    _, _, term, trunc, _ = env.step(a)
-    if term or trunc:
-        env.reset()
-print(n / (time.perf_counter() - t0))
+# the envs of _fns stepped one after another in this process, with the actions of _actions
+_INPROCESS = """
+import sys, time
+sys.path.insert(0, sys.argv[4])
+from test_bench_vector import _actions, _fns
+from vlarl_fast.envs import VectorEnv
+n, size, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+with VectorEnv(_fns(n, size)) as v:
+    v.reset(seed=0)
+    acts = _actions(n)
+    v.step(acts[0])
+    k, t0 = 0, time.perf_counter()
+    while k < 3 or time.perf_counter() - t0 < seconds:
+        v.step(acts[k % len(acts)])
+        k += 1
+    print(k * n / (time.perf_counter() - t0))
 """
 
 
-def _single_env_rate(size: int, steps: int) -> float:
+def _inprocess_rate(num_envs: int, size: int, seconds: float) -> float:
     env = {**os.environ, "LP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", _SINGLE, TASKS[0], str(size), str(steps)], env=env,
-                         capture_output=True, text=True, check=True, timeout=300, cwd="/")  # not the checkout: -c imports from the cwd
+    out = subprocess.run([sys.executable, "-c", _INPROCESS, str(num_envs), str(size), str(seconds),
+                          os.path.dirname(os.path.abspath(__file__))], env=env, capture_output=True, text=True,
+                         check=True, timeout=300, cwd="/")  # not the checkout: -c imports from the cwd
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _actions(n: int, count: int = 16) -> np.ndarray:
+    """A fixed cycle of random action batches, the same for every path."""
+    return np.random.default_rng(0).uniform(-1, 1, (count, n, 7)).astype(np.float32)
+
+
+def _timed_rate(step, n_envs: int, seconds: float) -> float:
+    """Env steps per second of calling step(k) (k = 0, 1, ...) for about `seconds`."""
+    step(0)
+    k, t0 = 0, time.perf_counter()
+    while k < 3 or time.perf_counter() - t0 < seconds:
+        step(k)
+        k += 1
+    return k * n_envs / (time.perf_counter() - t0)
 
 
 def _fns(n, size):
@@ -89,34 +109,36 @@ def gym_async_rate(fns, acts, steps: int) -> float:
 def test_env_steps_per_second(benchmark, size, num_envs):
     if benchmark.disabled and num_envs > 2:
         pytest.skip("timing grid: run with --benchmark-only")
-    steps = 3 if benchmark.disabled else 30
-    rng = np.random.default_rng(0)
-    acts = rng.uniform(-1, 1, (num_envs, 7)).astype(np.float32)
+    rounds, seconds = (1, 0.05) if benchmark.disabled else (3, 1.0)
+    acts = _actions(num_envs)
     half = num_envs // 2
-    with VectorEnv(_fns(num_envs, size), backend="process") as v:
+    rates = {"sync": [], "async": [], "gym": [], "limit": []}
+    with VectorEnv(_fns(num_envs, size), backend="process") as v, contextlib.closing(_gym_async(_fns(num_envs, size))) as g:
         v.reset(seed=0)
-        obs = benchmark(lambda: v.step(acts))[0]
+        g.reset(seed=0)
+        obs = benchmark(lambda: v.step(acts[0]))[0]
         assert obs["image"].shape == (num_envs, size, size, 3)
-        sync = _rate(lambda: v.step(acts), num_envs, steps)
 
-        # two groups in flight: while one steps, the caller handles the other (here: sends it again)
-        v.send(acts[:half], np.arange(half))
-        v.send(acts[half:], np.arange(half, num_envs))
+        def async_step(k):
+            # two groups in flight: while one steps, the caller handles the other (here: sends it again)
+            ids = v.recv(batch_size=half)[4]["env_id"]
+            v.send(acts[k % len(acts)][: len(ids)], ids)
 
-        def async_round():
-            for _ in range(2):
-                ids = v.recv(batch_size=half)[4]["env_id"]
-                v.send(acts[: len(ids)], ids)
-
-        asyn = _rate(async_round, num_envs, steps)
-        while len(v.in_flight):
-            v.recv()
-    gym_rate = gym_async_rate(_fns(num_envs, size), acts, steps)
+        for _ in range(rounds):
+            rates["sync"].append(_timed_rate(lambda k: v.step(acts[k % len(acts)]), num_envs, seconds))
+            v.send(acts[0][:half], np.arange(half))
+            v.send(acts[0][half:], np.arange(half, num_envs))
+            rates["async"].append(_timed_rate(async_step, num_envs, seconds) if half else rates["sync"][-1])
+            while len(v.in_flight):
+                v.recv()
+            rates["gym"].append(_timed_rate(lambda k: g.step(acts[k % len(acts)]), num_envs, seconds))
+            if not benchmark.disabled:
+                rates["limit"].append(_inprocess_rate(num_envs, size, seconds) * CORES)
     if benchmark.disabled:
         return
-    limit = _single_env_rate(size, 4 * steps) * CORES
+    sync, asyn, gym_rate, limit = (float(np.median(rates[k])) for k in ("sync", "async", "gym", "limit"))
     record(benchmark,
            f"{num_envs} envs {size}px: manager sync {sync:.0f} steps/s, async {asyn:.0f}, "
-           f"gymnasium AsyncVectorEnv {gym_rate:.0f}, limit (1 env x {CORES} cores) {limit:.0f}; "
+           f"gymnasium AsyncVectorEnv {gym_rate:.0f}, limit (in-process x {CORES} cores) {limit:.0f}; "
            f"sync/gym x{sync / gym_rate:.2f}, sync/limit {sync / limit:.0%}, async/limit {asyn / limit:.0%}",
-           sync=sync, asyn=asyn, gym=gym_rate, limit=limit, cores=CORES)
+           sync=sync, asyn=asyn, gym=gym_rate, limit=limit, cores=CORES, rounds=rates)
