@@ -2,8 +2,8 @@
 step, and async send/recv over two halves) against gymnasium's AsyncVectorEnv(shared_memory=True)
 over the same env factories, and against the limit = the same envs stepped in-process x cores.
 
-The limit is measured honestly: the envs step one after another in a fresh process with
-LP_NUM_THREADS=1 (llvmpipe otherwise renders one frame on every core), as each worker does; over the
+The limit is measured honestly: the envs' bare ``step`` calls run one after another in a fresh process
+with LP_NUM_THREADS=1 (llvmpipe otherwise renders one frame on every core), as each worker does; over the
 same mix of tasks and the same actions as the managers, so a costlier task cannot flatter the ratio.
 Every worker of both managers gets LP_NUM_THREADS=1 too. Each figure is the median of three rounds
 of about a second, the four paths taking turns, so that load from other processes hits them alike;
@@ -26,22 +26,30 @@ from vlarl_fast.envs import VectorEnv, list_tasks, make_env
 TASKS = list_tasks("tabletop")
 CORES = len(os.sched_getaffinity(0))
 
-# the envs of _fns stepped one after another in this process, with the actions of _actions
+# the envs of _fns stepped one after another in this process (bare env.step calls, auto-reset at
+# episode ends), with the actions of _actions
 _INPROCESS = """
 import sys, time
 sys.path.insert(0, sys.argv[4])
 from test_bench_vector import _actions, _fns
-from vlarl_fast.envs import VectorEnv
 n, size, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-with VectorEnv(_fns(n, size)) as v:
-    v.reset(seed=0)
-    acts = _actions(n)
-    v.step(acts[0])
-    k, t0 = 0, time.perf_counter()
-    while k < 3 or time.perf_counter() - t0 < seconds:
-        v.step(acts[k % len(acts)])
-        k += 1
-    print(k * n / (time.perf_counter() - t0))
+envs = [fn() for fn in _fns(n, size)]
+for i, env in enumerate(envs):
+    env.reset(seed=i)
+acts = _actions(n)
+
+def step(k):
+    for env, a in zip(envs, acts[k % len(acts)]):
+        _, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            env.reset()
+
+step(0)
+k, t0 = 0, time.perf_counter()
+while k < 3 or time.perf_counter() - t0 < seconds:
+    step(k)
+    k += 1
+print(k * n / (time.perf_counter() - t0))
 """
 
 
@@ -128,7 +136,8 @@ def test_env_steps_per_second(benchmark, size, num_envs):
             rates["sync"].append(_timed_rate(lambda k: v.step(acts[k % len(acts)]), num_envs, seconds))
             v.send(acts[0][:half], np.arange(half))
             v.send(acts[0][half:], np.arange(half, num_envs))
-            rates["async"].append(_timed_rate(async_step, num_envs, seconds) if half else rates["sync"][-1])
+            # each call returns and resends one half
+            rates["async"].append(_timed_rate(async_step, half, seconds) if half else rates["sync"][-1])
             while len(v.in_flight):
                 v.recv()
             rates["gym"].append(_timed_rate(lambda k: g.step(acts[k % len(acts)]), num_envs, seconds))
