@@ -304,7 +304,7 @@ class ProcessVectorEnv(VectorEnvBase):
             return
         self._count_failure([i], why, f"env {i} restarted in its worker")
         self.batch.set_state(i, W.IDLE)
-        self._reset_lost(i)
+        self._reset_lost([i])
         self._mark_lost(i, why)
 
     def _recover_lost(self, pending: np.ndarray) -> None:
@@ -347,14 +347,16 @@ class ProcessVectorEnv(VectorEnvBase):
         self._workers[w] = new = self._new_worker(w)
         new.handshake(self.start_timeout)
         new.send_batch(self.batch)
+        self._reset_lost(envs)  # every env of the worker at once
         for i in envs:
-            self._reset_lost(i)
             self._mark_lost(i, why)
 
-    def _reset_lost(self, i: int) -> None:
-        seed = self._seeds[i]
-        seed = None if seed is None else seed + RESTART_SEED_STRIDE * int(self._restarts[i])
-        self._reset_now(i, seed, self.reset_options(i) if self.reset_options is not None else None)
+    def _reset_lost(self, ids: list[int]) -> None:
+        """Reset envs whose episode was lost, each with the next seed of its seed stream."""
+        seeds = [None if self._seeds[i] is None else self._seeds[i] + RESTART_SEED_STRIDE * int(self._restarts[i])
+                 for i in ids]
+        opts = [self.reset_options(i) if self.reset_options is not None else None for i in ids]
+        self._reset_many(ids, seeds, opts)
 
     def _mark_lost(self, i: int, why: str) -> None:
         # an env in flight reports its restart when its result is collected; an idle one at its next step

@@ -192,8 +192,7 @@ class LlamaStepper:
         qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)       # RoPE on queries and keys at once
         K[:, :, start:end] = qk[:, Hq:]
         V[:, :, start:end] = v
-        o = self._attend(qk[:, :Hq], K[:, :, :end], V[:, :, :end], mask, bias[..., :end] if bias is not None
-                         else None, a.scaling)
+        o = self._attend(qk[:, :Hq], K[:, :, :end], V[:, :, :end], mask, bias, a.scaling)
         x = x + _proj(o.transpose(1, 2).reshape(B, n, -1), a.o_proj)
         h = _rms(x, layer.post_attention_layernorm)
         if fused is not None:
