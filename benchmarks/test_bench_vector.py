@@ -151,3 +151,63 @@ def test_env_steps_per_second(benchmark, size, num_envs):
            f"gymnasium AsyncVectorEnv {gym_rate:.0f}, limit (in-process x {CORES} cores) {limit:.0f}; "
            f"sync/gym x{sync / gym_rate:.2f}, sync/limit {sync / limit:.0%}, async/limit {asyn / limit:.0%}",
            sync=sync, asyn=asyn, gym=gym_rate, limit=limit, cores=CORES, rounds=rates)
+
+
+class _CostlierScene:
+    """An env whose every step costs `extra` more seconds of CPU (as a scene with more to render
+    would): spun, not slept, so that it takes its worker's core."""
+
+    def __init__(self, env, extra: float):
+        self.env, self.extra = env, extra
+        self.observation_space, self.action_space = env.observation_space, env.action_space
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def reset(self, **kw):
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        end = time.perf_counter() + self.extra
+        while time.perf_counter() < end:
+            pass
+        return self.env.step(action)
+
+    def close(self):
+        self.env.close()
+
+
+def _uneven_fns(n, size, extra):
+    # even envs costlier: at start (env i on worker i % workers) they crowd the even workers
+    return [(lambda f=f, i=i: _CostlierScene(f(), extra if i % 2 == 0 else 0.0)) for i, f in enumerate(_fns(n, size))]
+
+
+@pytest.mark.skipif(not EXT_AVAILABLE, reason="the compiled extension is not built")
+def test_rebalanced_steps_per_second(benchmark):
+    """Envs of unequal cost: moving envs between workers by measured cost against keeping the start
+    assignment, both after the same warm-up (long enough for several episode boundaries per env)."""
+    n, size = 8, 64
+    extra = 0.0 if benchmark.disabled else 0.002
+    rounds, seconds, warmup = (1, 0.05, 30) if benchmark.disabled else (3, 1.0, 120)
+    acts = _actions(n)
+    rates = {"rebalanced": [], "static": []}
+    with VectorEnv(_uneven_fns(n, size, extra), backend="process", num_workers=2) as bal, \
+            VectorEnv(_uneven_fns(n, size, extra), backend="process", num_workers=2, rebalance=False) as fixed:
+        for v in (bal, fixed):
+            v.reset(seed=0)
+            for k in range(warmup):
+                v.step(acts[k % len(acts)])
+        benchmark(lambda: bal.step(acts[0]))
+        for _ in range(rounds):
+            for name, v in (("rebalanced", bal), ("static", fixed)):
+                rates[name].append(_timed_rate(lambda k: v.step(acts[k % len(acts)]), n, seconds))
+        moves, owners, costs = bal.moves, bal.env_workers.tolist(), bal.step_costs
+    if benchmark.disabled:
+        return
+    assert moves >= 1
+    r, s = float(np.median(rates["rebalanced"])), float(np.median(rates["static"]))
+    loads = np.bincount(owners, weights=costs, minlength=2) * 1e3
+    record(benchmark,
+           f"{n} envs {size}px on 2 workers, even envs {extra * 1e3:.0f} ms costlier: rebalanced {r:.0f} steps/s "
+           f"({moves} moves, worker loads {loads[0]:.1f}/{loads[1]:.1f} ms), static {s:.0f}; x{r / s:.2f}",
+           rebalanced=r, static=s, moves=moves, rounds=rates)

@@ -176,6 +176,95 @@ def test_recv_takes_the_earliest_finished_and_reports_a_restart_later(tmp_path):
         assert list(v.restarts) == [1, 0] and not len(v.in_flight)
 
 
+# --- load balancing: envs move between workers at episode boundaries --------------------------
+
+def _uneven_fns(n, max_episode_steps=12, size=32):
+    # even envs cost about 10 ms a step more: at start (env i on worker i % 2) all of them share worker 0
+    return [(lambda i=i: SlowEnv(make_env(TASKS[i % len(TASKS)], image_size=size, seed=100 + i,
+                                          max_episode_steps=max_episode_steps), 0.01 if i % 2 == 0 else 0.0))
+            for i in range(n)]
+
+
+def _worker_loads(v):
+    return np.bincount(v.env_workers, weights=v.step_costs, minlength=v.num_workers)
+
+
+@pytest.mark.parametrize("with_options", [False, True])
+def test_envs_move_to_balance_measured_costs_and_their_episodes_go_on_unchanged(with_options):
+    # the moved env's new worker replays its last reset (RNG state, seed, options): every observation,
+    # reward and flag stays equal to the in-process run, step by step, through the moves
+    def opts(rng):
+        return (lambda i: {"init_state": int(rng.integers(4))}) if with_options else None
+    fns = _uneven_fns(4)
+    with VectorEnv(fns, backend="process", num_workers=2, reset_options=opts(np.random.default_rng(3))) as pv, \
+            VectorEnv(fns, reset_options=opts(np.random.default_rng(3))) as iv:
+        assert list(pv.env_workers) == [0, 1, 0, 1]
+        _compare(pv, iv, 40, seed=5)
+        assert pv.moves >= 1
+        loads = _worker_loads(pv)
+        assert loads.max() < 1.5 * loads.min(), (pv.env_workers, pv.step_costs)
+        assert loads.max() < 0.8 * pv.step_costs[[0, 2]].sum()  # the start's busiest worker
+
+
+def test_envs_move_while_others_are_in_flight_and_each_trajectory_stays_exact():
+    # send/recv one env at a time: a move happens while the other worker's envs are stepping
+    fns, n, steps = _uneven_fns(4), 4, 30
+    rng = np.random.default_rng(0)
+    acts = rng.uniform(-1, 1, (n, steps, 7)).astype(np.float32)
+    with VectorEnv(fns, backend="process", num_workers=2) as pv:
+        pv.reset(seed=5)
+        count = [0] * n
+        got = {i: [] for i in range(n)}
+        pv.send(acts[:, 0], np.arange(n))
+        while len(pv.in_flight):
+            obs, rew, term, trunc, info = pv.recv(batch_size=1)
+            i = int(info["env_id"][0])
+            got[i].append((obs["image"][0], rew[0], term[0], trunc[0]))
+            count[i] += 1
+            if count[i] < steps:
+                pv.send(acts[i, count[i]][None], [i])
+        assert pv.moves >= 1
+    with VectorEnv(fns) as iv:
+        iv.reset(seed=5)
+        for i in range(n):
+            for k in range(steps):
+                obs, rew, term, trunc, _ = iv._step_ids(acts[i, k][None], np.array([i]))
+                for x, y, name in zip((obs["image"][0], rew[0], term[0], trunc[0]), got[i][k], ("obs", "reward", "term", "trunc")):
+                    _same(x, y, f"env {i} step {k} {name}")
+
+
+class NotReproducible(gym.Wrapper):
+    """Marks its reset observation with the process id: a reset no other worker can replay."""
+
+    def reset(self, **kw):
+        obs, info = self.env.reset(**kw)
+        obs["image"][0, 0, 0] = os.getpid() % 251
+        return obs, info
+
+
+def test_a_move_that_does_not_replay_its_reset_is_reported_and_the_new_episode_returned():
+    fns = [(lambda f=f: NotReproducible(f())) for f in _uneven_fns(4, max_episode_steps=10)]
+    with VectorEnv(fns, backend="process", num_workers=2) as pv:
+        pv.reset(seed=0)
+        a = np.zeros((4, 7), np.float32)
+        with pytest.warns(RuntimeWarning, match="did not reproduce its reset"):
+            for _ in range(30):
+                obs = pv.step(a)[0]
+                _same(obs, pv.observations(range(4)), "returned obs = the envs' current obs")
+        assert pv.moves >= 1
+        pids = dict(zip(range(2), pv.worker_pids))
+        marks = pv.observations(range(4))["image"][:, 0, 0, 0]
+        assert all(m in (pids[0] % 251, pids[1] % 251) for m in marks)
+
+
+def test_rebalance_off_keeps_the_start_assignment():
+    with VectorEnv(_uneven_fns(4), backend="process", num_workers=2, rebalance=False) as pv:
+        pv.reset(seed=0)
+        for _ in range(30):
+            pv.step(np.zeros((4, 7), np.float32))
+        assert pv.moves == 0 and list(pv.env_workers) == [0, 1, 0, 1]
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def _broken_factory():

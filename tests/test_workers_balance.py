@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from vlarl_fast.envs.balance import (assign_devices, device_loads, narrow_by_cuda_visible, render_env,
+from vlarl_fast.envs.balance import (assign_devices, device_loads, narrow_by_cuda_visible, plan_rebalance, render_env,
                                      visible_gpus, worker_render_envs)
 
 
@@ -67,3 +67,42 @@ def test_worker_envs_any_number_of_gpus():
 def test_visible_gpus_without_a_gpu_is_empty_not_an_error():
     gpus = visible_gpus()
     assert isinstance(gpus, list) and all(isinstance(g, int) for g in gpus)
+
+
+def test_plan_rebalance_from_the_worst_start():
+    # half the envs twice as costly (say two cameras), all of them on worker 0 at start (i % 2)
+    costs = [2.0, 1.0] * 4
+    owner = [i % 2 for i in range(8)]
+    plan = plan_rebalance(costs, owner, 2)
+    assert device_loads(costs, plan, 2) == [6.0, 6.0]
+    assert sum(p != w for p, w in zip(plan, owner)) == 1  # 8 against 4: one costly env moves
+    # two costly envs against three cheap ones: a move reaches 4/7, a swap the best, 5/6
+    costs = [4.0, 4.0, 1.0, 1.0, 1.0]
+    plan = plan_rebalance(costs, [0, 0, 1, 1, 1], 2)
+    assert sorted(device_loads(costs, plan, 2)) == [5.0, 6.0]
+    # equal costs and counts: measurement noise alone never moves an env
+    noisy = [1.0, 1.05, 0.97, 1.02, 0.99, 1.04]
+    assert plan_rebalance(noisy, [i % 3 for i in range(6)], 3) is None
+    # a gain below min_gain x the mean load is not worth the moves
+    assert plan_rebalance([1.1, 1.0, 1.0, 0.9], [0, 0, 1, 1], 2) is None
+    # one env per worker: nothing to gain
+    assert plan_rebalance([5.0, 1.0], [0, 1], 2) is None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_plan_rebalance_lands_near_optimal_from_any_start(seed):
+    import random
+    rng = random.Random(seed)
+    costs = [rng.uniform(0.01, 0.3) for _ in range(7)]
+    for k in (2, 3):
+        owner = [rng.randrange(k) for _ in costs]
+        plan = plan_rebalance(costs, owner, k, min_gain=0.0) or owner
+        assert max(device_loads(costs, plan, k)) <= 4 / 3 * _best_makespan(costs, k) + 1e-12
+        assert plan_rebalance(costs, plan, k, min_gain=0.0) is None  # a plan is stable
+
+
+def test_plan_rebalance_bad_input():
+    with pytest.raises(ValueError, match="must give a worker"):
+        plan_rebalance([1.0, 1.0], [0], 2)
+    with pytest.raises(ValueError, match="must give a worker"):
+        plan_rebalance([1.0, 1.0], [0, 2], 2)

@@ -5,6 +5,9 @@ The reference code sets ``MUJOCO_EGL_DEVICE_ID`` from the process rank and crash
 sees fewer devices than its rank. Here every id comes from the devices actually present, and the
 assignment is a pure function of measured per-env costs (greedy, longest first), so it is tested
 with simulated costs and works for any number of GPUs, including none (CPU rendering, no ids set).
+Workers start spread evenly over the devices; the manager then moves envs between workers at
+episode boundaries by their measured step+render costs (plan_rebalance), which evens out the
+load of the workers and with it of the devices they render on.
 """
 from __future__ import annotations
 
@@ -37,6 +40,49 @@ def device_loads(costs: Sequence[float], devices: Sequence[int], num_devices: in
     for c, d in zip(costs, devices):
         load[d] += c
     return load
+
+
+def plan_rebalance(costs: Sequence[float], owner: Sequence[int], num_workers: int,
+                   min_gain: float = 0.1) -> list[int] | None:
+    """Worker per env for a better balance, reached from `owner` with few moves; None when the most
+    loaded worker cannot be lightened by over `min_gain` x the mean load (moving costs an env
+    rebuild, and measured costs are noisy).
+
+    Local search from the current assignment: take the move of one env, or the swap of two, that
+    most lowers the larger load of the busiest worker and another, until none does. Each step
+    lowers the sum of squared loads, so the search ends."""
+    if len(owner) != len(costs) or any(not 0 <= w < num_workers for w in owner):
+        raise ValueError(f"owner (length {len(owner)}) must give a worker in [0, {num_workers}) for each of "
+                         f"the {len(costs)} costs")
+    mean = sum(costs) / num_workers
+    load = device_loads(costs, owner, num_workers)
+    start = max(load)
+    if start - mean <= min_gain * mean:  # no assignment beats the mean load
+        return None
+    owner = list(owner)
+    for _ in range(4 * len(costs) + 4):
+        a = max(range(num_workers), key=lambda w: (load[w], -w))
+        mine = [i for i, w in enumerate(owner) if w == a]
+        best, op = 1e-12 * max(mean, 1e-300), None
+        for b in range(num_workers):
+            if b == a:
+                continue
+            theirs = [j for j, w in enumerate(owner) if w == b] + [None]  # None: a move, no swap
+            for i in mine:
+                for j in theirs:
+                    d = costs[i] - (0.0 if j is None else costs[j])
+                    gain = load[a] - max(load[a] - d, load[b] + d)
+                    if gain > best:
+                        best, op = gain, (i, j, b, d)
+        if op is None:
+            break
+        i, j, b, d = op
+        owner[i] = b
+        if j is not None:
+            owner[j] = a
+        load[a] -= d
+        load[b] += d
+    return owner if start - max(load) > min_gain * mean else None
 
 
 def visible_gpus() -> list[int]:

@@ -18,6 +18,11 @@ Asynchronous use (EnvPool style): ``send(actions, env_ids)`` starts those envs a
 once; ``recv()`` waits for the first ``batch_size`` envs in flight to finish (all of them when
 ``batch_size`` is None) and returns their results, with ``info["env_id"]`` saying which.
 
+Load balancing: workers time each env.step (rendering included); when the workers' measured loads
+drift apart, envs move to less loaded workers at their next episode start, following
+balance.plan_rebalance. The new worker replays the env's last reset (same RNG state, seed and
+options), so moves are invisible to the caller (see workers.py).
+
 Recovery: an env that raises is rebuilt from its factory inside its worker; a worker that dies
 (signal, segfault) or exceeds ``step_timeout`` is replaced, with fresh envs from the same factories.
 Each env affected is reset with the next seed of its seed stream, and its step comes back
@@ -43,6 +48,10 @@ from .vector import VectorEnvBase
 MAX_CONSECUTIVE_RESTARTS = 3
 # seed stream of a restarted env: its last explicit reset seed + this x restarts
 RESTART_SEED_STRIDE = 1_000_003
+# step costs: weight of the newest step in each env's running average, and the steps every env
+# needs before envs move between workers
+COST_EMA = 0.1
+MIN_COST_SAMPLES = 8
 _WAIT_SLICE_S = 0.05
 
 
@@ -63,7 +72,7 @@ def _batch_fields(obs_space, action_space, num_envs: int) -> dict:
         fields[k] = (s.dtype, s.shape or (1,))
         fields["final_" + k] = (s.dtype, s.shape or (1,))
     fields.update(action=(action_space.dtype, action_space.shape), reward=("float64", ()),
-                  flags=("uint8", (W.NUM_FLAGS,)), ctl=("int64", (2,)), init_state=("int64", ()),
+                  flags=("uint8", (W.NUM_FLAGS,)), ctl=("int64", (W.CTL_SIZE,)), init_state=("int64", ()),
                   text=("uint8", (W.TEXT_BYTES,)))
     return fields
 
@@ -87,6 +96,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self._errors: dict[int, list[str]] = {}
+        self._detached: dict[int, tuple] = {}
 
     def handshake(self, timeout: float) -> list:
         if not self.conn.poll(timeout):
@@ -106,8 +116,15 @@ class _Worker:
                 msg = self.conn.recv()
                 if msg[0] == "error":
                     self._errors.setdefault(msg[1], []).append(msg[2])
+                elif msg[0] == "detached":
+                    self._detached[msg[1]] = msg[2]
         except (EOFError, OSError):
             pass
+
+    def take_detached(self, env: int) -> tuple:
+        """(factory, last reset) of an env this worker has just handed over (sent before its DONE)."""
+        self._drain()
+        return self._detached.pop(env)
 
     def take_errors(self, env: int) -> list[str]:
         """The error reports about `env` (sent before its failed result was published)."""
@@ -154,7 +171,8 @@ class ProcessVectorEnv(VectorEnvBase):
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
                  autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
                  start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None,
-                 render_devices: Sequence[int] | str | None = "auto", num_workers: int | None = None):
+                 render_devices: Sequence[int] | str | None = "auto", num_workers: int | None = None,
+                 rebalance: bool = True, rebalance_min_gain: float = 0.1):
         from .._ext import require_ext
         C = require_ext()
         import cloudpickle
@@ -226,6 +244,12 @@ class ProcessVectorEnv(VectorEnvBase):
         self._failed: dict[int, str] = {}  # env id -> why its worker was restarted (not yet reported)
         self._lost_idle: dict[int, str] = {}  # the same for envs that were idle: reported at their next step
         self._lost_stats: dict[int, tuple[float, int]] = {}
+        # measured seconds per env.step (rendering included): an average over the last ~1/COST_EMA steps
+        self._cost = np.zeros(n, dtype=np.float64)
+        self._cost_n = np.zeros(n, dtype=np.int64)
+        self.rebalance, self.rebalance_min_gain = rebalance and nw > 1, rebalance_min_gain
+        self.moves = 0
+        self._plan: list[int] | None = None  # the worker each env is to move to, at its next episode start
 
     def _new_worker(self, w: int) -> _Worker:
         ids = self._worker_envs[w].tolist()
@@ -424,7 +448,7 @@ class ProcessVectorEnv(VectorEnvBase):
 
     @property
     def worker_pids(self) -> list[int]:
-        """Process id of each worker (worker w serves envs w, w + num_workers, ...)."""
+        """Process id of each worker (worker w starts with envs w, w + num_workers, ...; see env_workers)."""
         return [w.proc.pid for w in self._workers if w is not None]
 
     @property
@@ -509,6 +533,7 @@ class ProcessVectorEnv(VectorEnvBase):
         done = terminated | truncated
         final_obs = self._obs_rows(ids, "final_") if done.any() else None
         ok_ids = ids[~was_restarted]
+        self._measure(ok_ids)
         self._ep_return[ok_ids] += a["reward"][ok_ids]
         self._ep_len[ok_ids] += 1
         ended = done & ~was_restarted
@@ -528,6 +553,8 @@ class ProcessVectorEnv(VectorEnvBase):
         if to_reset:
             self._reset_many(to_reset, [None] * len(to_reset), opts)
         self.batch.set_states(ok_ids, W.IDLE)
+        if self.rebalance and self.autoreset:  # ended envs stand at the start of a new episode
+            self._rebalance(ids[ended].tolist())
         if final_obs is not None and was_restarted.any():
             # a killed worker's last observation is gone: the final obs is the fresh episode's first
             for k in self._obs_keys:
@@ -542,6 +569,84 @@ class ProcessVectorEnv(VectorEnvBase):
         if final_obs is not None:
             info["final_obs"] = final_obs
         return obs, rewards, terminated, truncated, info
+
+    # ---- load balancing ----------------------------------------------------------------------
+    def _measure(self, ids: np.ndarray) -> None:
+        t = self._a["ctl"][ids, 2] * 1e-9
+        first = self._cost_n[ids] == 0
+        self._cost[ids] = np.where(first, t, self._cost[ids] + COST_EMA * (t - self._cost[ids]))
+        self._cost_n[ids] += 1
+
+    def _rebalance(self, ended: list[int]) -> None:
+        """Move envs that just began an episode towards a plan that balances the workers' measured
+        loads (balance.plan_rebalance); a new plan is made once the last one is reached."""
+        from .balance import plan_rebalance
+        if not ended or self._cost_n.min() < MIN_COST_SAMPLES:
+            return
+        if self._plan is None:
+            self._plan = plan_rebalance(self._cost, self._owner, self.num_workers, self.rebalance_min_gain)
+            if self._plan is None:
+                return
+        for i in ended:
+            if self._plan[i] != self._owner[i] and not self._busy[i] and i not in self._lost_idle:
+                self._move(i, int(self._plan[i]))
+        if all(p == w for p, w in zip(self._plan, self._owner)):
+            self._plan = None
+
+    def _command(self, i: int, cmd: int) -> bool:
+        """Run a control command on idle env i's slot and wait for it; False if the env's worker was
+        restarted meanwhile (the restart has reset the env; the report stays pending for it)."""
+        self._a["flags"][i] = 0
+        self._a["ctl"][i, 0] = cmd
+        self._started[i] = time.monotonic()
+        self._busy[i] = True
+        self.batch.set_state(i, W.CMD)
+        self._wait([i], 1)
+        self._busy[i] = False
+        if i in self._failed:
+            self._lost_idle[i] = self._failed.pop(i)
+            return False
+        self.batch.set_state(i, W.IDLE)
+        return True
+
+    def _move(self, i: int, b: int) -> None:
+        """Move env i, idle at the start of an episode, to worker b. The new worker replays the env's
+        last reset from the same RNG state, seed and options, so the episode goes on unchanged."""
+        a = int(self._owner[i])
+        if not self._command(i, W.DETACH):
+            self._lost_idle.pop(i, None)  # restarted in place, at an episode start anyway
+            self._lost_stats.pop(i, None)
+            return
+        fn_bytes, last = self._workers[a].take_detached(i)
+        self._owner[i] = b
+        for w in (a, b):
+            self._worker_envs[w] = np.flatnonzero(self._owner == w)
+        self._workers[b].conn.send((i, ("attach", fn_bytes, last)))
+        if not self._wake(b, i) or not self._command(i, W.ATTACH):
+            # rebuilt (or its new worker replaced) and reset on its seed stream: a new episode, which
+            # the caller gets as this step's observation
+            self._lost_idle.pop(i, None)
+            self._lost_stats.pop(i, None)
+            return
+        self.moves += 1
+        if self._a["flags"][i, W.F_DIVERGED]:
+            self._read_reset_info(i)  # the caller gets the replayed episode's first observation
+            warnings.warn(f"env {i} did not reproduce its reset on another worker from its RNG state, seed and "
+                          "options, so moving envs changes their episodes; pass rebalance=False for runs "
+                          "that must be reproducible", RuntimeWarning, stacklevel=6)
+
+    def _wake(self, w: int, incoming: int) -> bool:
+        """A NOP on one of worker w's idle slots: it then reads its pipe (sleeping workers watch their
+        own slots only). With none idle it looks after its current command or within a second.
+        False if the worker was replaced meanwhile (its envs, the incoming one included, are reset)."""
+        idle = [j for j in self._worker_envs[w].tolist()
+                if j != incoming and not self._busy[j] and self.batch.state(j) == W.IDLE]
+        return not idle or self._command(idle[0], W.NOP)
+
+    @property
+    def step_costs(self) -> np.ndarray:
+        """Measured seconds per env.step (rendering included) of each env, averaged over recent steps."""
+        return self._cost.copy()
 
     def _finish(self, ids: np.ndarray):
         self._busy[ids] = False

@@ -22,6 +22,13 @@ An env that raises is rebuilt from its factory inside the worker (the manager th
 seed stream); the worker's other envs go on. A worker that cannot rebuild it, dies or hangs is
 replaced by the manager with all of its envs.
 
+Envs move between workers at episode boundaries (the manager balances measured step costs): the old
+worker DETACHes the env and sends back what its last reset drew from (the env's RNG state before the
+reset, the seed and options); the new worker builds it from the same factory and replays that
+reset, so the episode the caller already sees goes on unchanged (checked: a replay that does not
+reproduce the observation is reported, and the manager cuts that episode short). Each step's wall
+time (env.step with its rendering) is written to the slot for the manager's cost estimate.
+
 A worker ignores SIGINT (Ctrl-C is the manager's to handle; it then closes the workers) and asks
 the kernel to kill it when its parent dies, so an interrupted or killed manager leaves nothing.
 """
@@ -29,17 +36,19 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 
 import numpy as np
 
 # slot states
 IDLE, CMD, DONE = 0, 1, 2
-# commands (ctl[:, 0])
-STEP, RESET, CLOSE = 1, 2, 3
+# commands (ctl[:, 0]); ctl[:, 1] = reset seed, ctl[:, 2] = the last step's wall time in ns
+STEP, RESET, CLOSE, DETACH, ATTACH, NOP = 1, 2, 3, 4, 5, 6
+CTL_SIZE = 3
 # flags (uint8 per env)
-F_TERM, F_TRUNC, F_SUCCESS, F_RESET, F_HAS_SEED, F_HAS_OPTIONS, F_AUTORESET, F_ERROR = range(8)
-NUM_FLAGS = 8
+F_TERM, F_TRUNC, F_SUCCESS, F_RESET, F_HAS_SEED, F_HAS_OPTIONS, F_AUTORESET, F_ERROR, F_DIVERGED = range(9)
+NUM_FLAGS = 9
 INSTRUCTION_BYTES, TASK_ID_BYTES = 256, 64
 TEXT_BYTES = INSTRUCTION_BYTES + TASK_ID_BYTES
 # how often an idle worker checks that its manager still exists (seconds)
@@ -124,11 +133,35 @@ class _Inbox:
         self.conn = conn
         self.kept: dict[int, list] = {}
 
+    def _receive(self) -> int:
+        i, msg = self.conn.recv()
+        self.kept.setdefault(i, []).append(msg)
+        return i
+
     def take(self, env: int):
         while not self.kept.get(env):
-            i, msg = self.conn.recv()
-            self.kept.setdefault(i, []).append(msg)
+            self._receive()
         return self.kept[env].pop(0)
+
+    def arrived(self) -> list[int]:
+        """Receive whatever is waiting (no blocking); the env ids that have messages kept."""
+        while self.conn.poll(0):
+            self._receive()
+        return [i for i, msgs in self.kept.items() if msgs]
+
+
+def rng_state(env):
+    """The env's gymnasium RNG state (None if it has none yet): what an unseeded reset draws from."""
+    rng = getattr(getattr(env, "unwrapped", env), "_np_random", None)
+    return None if rng is None else rng.bit_generator.state
+
+
+def set_rng_state(env, state) -> None:
+    if state is None:
+        return
+    bit_gen = getattr(np.random, state["bit_generator"])()
+    bit_gen.state = state
+    getattr(env, "unwrapped", env)._np_random = np.random.Generator(bit_gen)
 
 
 def _build(fn_bytes: bytes):
@@ -156,9 +189,8 @@ def worker_main(env_ids: list[int], fn_bytes: list[bytes], conn, env_vars: dict)
             return
         batch = _receive_batch(conn)
         keys = list(envs[env_ids[0]].observation_space.spaces)
-        slots = {i: _Slot(batch, i, keys) for i in env_ids}
         factories = dict(zip(env_ids, fn_bytes))
-        _serve(batch, envs, slots, factories, _Inbox(conn), conn, parent)
+        _Server(batch, envs, keys, factories, _Inbox(conn), conn, parent).serve()
     finally:
         for env in envs.values():
             try:
@@ -167,65 +199,136 @@ def worker_main(env_ids: list[int], fn_bytes: list[bytes], conn, env_vars: dict)
                 pass
 
 
-def _serve(batch, envs: dict, slots: dict, factories: dict, inbox: _Inbox, conn, parent: int) -> None:
-    ids = np.array(sorted(envs), dtype=np.int64)
-    if len(ids) == 1:  # sleep on the slot's own word: only a command for it wakes us
-        one = int(ids[0])
-        def commands():
-            return [one] if batch.wait(one, CMD, timeout=PARENT_CHECK_S) else []
-    else:  # woken by any state change, re-scans in C++; returns the commands oldest first
-        def commands():
-            return batch.wait_slots(ids, CMD, min_count=1, timeout=PARENT_CHECK_S).tolist()
-    while True:
-        ready = commands()
-        if not ready and os.getppid() != parent:
-            return
-        for i in ready:
-            slot = slots[i]
-            cmd = int(slot.ctl[0])
-            if cmd == CLOSE:
-                batch.set_state(i, DONE)
+class _Server:
+    """The serving loop of one worker process: the envs it holds (they may come and go), their slots,
+    and what each one's last reset drew from (so that it can move to another worker)."""
+
+    def __init__(self, batch, envs: dict, keys: list[str], factories: dict, inbox: _Inbox, conn, parent: int):
+        self.batch, self.envs, self.keys, self.factories = batch, envs, keys, factories
+        self.inbox, self.conn, self.parent = inbox, conn, parent
+        self.slots = {i: _Slot(batch, i, keys) for i in envs}
+        self.last_reset: dict[int, tuple] = {}  # env id -> (rng state before it, seed, options)
+        self._ids = np.array(sorted(self.slots), dtype=np.int64)
+
+    def _slots_changed(self) -> None:
+        self._ids = np.array(sorted(self.slots), dtype=np.int64)
+
+    def commands(self) -> list[int]:
+        if len(self._ids) == 1:  # sleep on the slot's own word: only a command for it wakes us
+            one = int(self._ids[0])
+            return [one] if self.batch.wait(one, CMD, timeout=PARENT_CHECK_S) else []
+        # woken by any state change, re-scans in C++; returns the commands oldest first
+        return self.batch.wait_slots(self._ids, CMD, min_count=1, timeout=PARENT_CHECK_S).tolist()
+
+    def serve(self) -> None:
+        while True:
+            ready = self.commands() if self.slots else self._idle_wait()
+            if not ready and os.getppid() != self.parent:
                 return
-            try:
-                _run(envs[i], slot, cmd, inbox, i)
-            except BaseException:
-                conn.send(("error", i, f"env {i} raised:\n{traceback.format_exc()}"))
-                slot.flags[F_ERROR] = 1
-                try:  # a fresh env from the same factory; the manager resets it on its seed stream
-                    envs.pop(i).close()
-                except Exception:
-                    pass
-                try:
-                    envs[i] = _build(factories[i])
-                except BaseException:
-                    conn.send(("error", i, f"env factory {i} failed to rebuild the env:\n{traceback.format_exc()}"))
-                    batch.set_state(i, DONE)
+            for i in ready:
+                slot = self.slots[i]
+                cmd = int(slot.ctl[0])
+                if cmd == CLOSE:
+                    self.batch.set_state(i, DONE)
+                    return
+                if not self._run_guarded(i, slot, cmd):
                     return  # the manager replaces this worker
-            batch.set_state(i, DONE)
+            # envs announced for this worker: their slots hold an ATTACH (or soon will). The manager
+            # wakes us for it with a NOP on one of our idle slots, else we look after each command
+            for i in self.inbox.arrived():
+                first = self.inbox.kept[i][0]
+                if i not in self.slots and isinstance(first, tuple) and first[:1] == ("attach",):
+                    self.slots[i] = _Slot(self.batch, i, self.keys)
+                    self._slots_changed()
 
+    def _idle_wait(self) -> list[int]:
+        # no env of our own: wait on the pipe (an attach message comes before its command)
+        self.conn.poll(PARENT_CHECK_S)
+        return []
 
-def _run(env, slot: _Slot, cmd: int, inbox: _Inbox, i: int) -> None:
-    flags = slot.flags
-    if cmd == RESET:
-        seed = int(slot.ctl[1]) if flags[F_HAS_SEED] else None
-        options = inbox.take(i) if flags[F_HAS_OPTIONS] else None
-        flags[:] = 0
+    def _run_guarded(self, i: int, slot: _Slot, cmd: int) -> bool:
+        try:
+            if cmd == DETACH:
+                self._detach(i, slot)
+                return True
+            if cmd == ATTACH:
+                self._attach(i, slot)
+            elif cmd != NOP:  # a NOP only wakes us (to read the pipe)
+                self._run(i, slot, cmd)
+        except BaseException:
+            self.conn.send(("error", i, f"env {i} raised:\n{traceback.format_exc()}"))
+            slot.flags[F_ERROR] = 1
+            try:  # a fresh env from the same factory; the manager resets it on its seed stream
+                self.envs.pop(i).close()
+            except Exception:
+                pass
+            try:
+                self.envs[i] = _build(self.factories[i])
+            except BaseException:
+                self.conn.send(("error", i, f"env factory {i} failed to rebuild the env:\n{traceback.format_exc()}"))
+                self.batch.set_state(i, DONE)
+                return False
+        self.batch.set_state(i, DONE)
+        return True
+
+    def _detach(self, i: int, slot: _Slot) -> None:
+        """Hand env i over: its factory and last reset go to the manager, the env is closed."""
+        env = self.envs.pop(i)
+        self.conn.send(("detached", i, (self.factories.pop(i), self.last_reset.pop(i, None))))
+        del self.slots[i]
+        self._slots_changed()
+        try:
+            env.close()
+        except Exception:
+            pass
+        slot.flags[:] = 0
+        self.batch.set_state(i, DONE)
+
+    def _attach(self, i: int, slot: _Slot) -> None:
+        """Take env i over: build it, replay its last reset, check the observation it gives."""
+        _, fn_bytes, last = self.inbox.take(i)
+        slot.flags[:] = 0
+        self.factories[i] = fn_bytes
+        self.envs[i] = env = _build(fn_bytes)
+        if last is None:
+            return
+        state, seed, options = last
+        set_rng_state(env, state)
+        self.last_reset[i] = last
         obs, info = env.reset(seed=seed, options=options)
+        if not all(np.array_equal(np.asarray(obs[k]), view) for k, view in slot.obs):
+            slot.write_obs(obs, slot.obs)
+            slot.write_reset_info(info)
+            slot.flags[F_DIVERGED] = 1
+
+    def _reset(self, i: int, env, seed, options):
+        self.last_reset[i] = (rng_state(env), seed, options)
+        return env.reset(seed=seed, options=options)
+
+    def _run(self, i: int, slot: _Slot, cmd: int) -> None:
+        env, flags = self.envs[i], slot.flags
+        if cmd == RESET:
+            seed = int(slot.ctl[1]) if flags[F_HAS_SEED] else None
+            options = self.inbox.take(i) if flags[F_HAS_OPTIONS] else None
+            flags[:] = 0
+            obs, info = self._reset(i, env, seed, options)
+            slot.write_obs(obs, slot.obs)
+            slot.write_reset_info(info)
+            return
+        if cmd != STEP:
+            raise RuntimeError(f"unknown worker command {cmd}")
+        autoreset = bool(flags[F_AUTORESET])
+        flags[:] = 0
+        t0 = time.perf_counter_ns()
+        # the shared action itself, not a copy: the manager writes the next one only after this
+        # step's result is published (tabletop and gymnasium envs copy or clip what they keep)
+        obs, r, term, trunc, info = env.step(slot.action)
+        slot.ctl[2] = time.perf_counter_ns() - t0
+        slot.reward[...] = r
+        flags[F_TERM], flags[F_TRUNC], flags[F_SUCCESS] = bool(term), bool(trunc), bool(info.get("success", False))
+        if term or trunc:
+            slot.write_obs(obs, slot.final)
+            if autoreset:
+                obs, rinfo = self._reset(i, env, None, None)
+                slot.write_reset_info(rinfo)
         slot.write_obs(obs, slot.obs)
-        slot.write_reset_info(info)
-        return
-    if cmd != STEP:
-        raise RuntimeError(f"unknown worker command {cmd}")
-    autoreset = bool(flags[F_AUTORESET])
-    flags[:] = 0
-    # the shared action itself, not a copy: the manager writes the next one only after this
-    # step's result is published (tabletop and gymnasium envs copy or clip what they keep)
-    obs, r, term, trunc, info = env.step(slot.action)
-    slot.reward[...] = r
-    flags[F_TERM], flags[F_TRUNC], flags[F_SUCCESS] = bool(term), bool(trunc), bool(info.get("success", False))
-    if term or trunc:
-        slot.write_obs(obs, slot.final)
-        if autoreset:
-            obs, rinfo = env.reset()
-            slot.write_reset_info(rinfo)
-    slot.write_obs(obs, slot.obs)
