@@ -5,7 +5,9 @@ All paths start from the same left-padded prompt embeddings (image patches + Ope
 instructions of different lengths): the vision towers and the projector are the same work for every path
 and are left out. Each decodes the 7 action tokens of every row:
 
-- ``fast``: ``decode_actions`` (prefill into a StaticCache, 6 steps through ``llama_step``);
+- ``fast``: ``decode_actions`` (prefill and 6 steps through ``llama_step``, eager);
+- ``compiled``: ``decode_actions(impl="compiled")``, the same through ``torch.compile`` (compiled before
+  timing: the first call for a shape compiles);
 - ``static``: ``decode_actions(impl="static")``, every step through the decoder's forward (its reference);
 - ``generate, batched``: ``generate`` on the whole left-padded batch, a logits processor keeping the action
   ids (``decode.generate_actions``, the test's reference);
@@ -62,6 +64,9 @@ def test_decode_actions_per_second_vs_generate(benchmark, policy, one_thread, B)
     def fast():
         return decode_actions(m, embeds, mask, pos, greedy=True).tokens
 
+    def compiled():
+        return decode_actions(m, embeds, mask, pos, greedy=True, impl="compiled").tokens
+
     def static():
         return decode_actions(m, embeds, mask, pos, greedy=True, impl="static").tokens
 
@@ -76,7 +81,8 @@ def test_decode_actions_per_second_vs_generate(benchmark, policy, one_thread, B)
     assert torch.equal(tokens, want) and torch.equal(static(), want) and torch.equal(gen_per_obs(), want)
     if benchmark.disabled:
         return
-    paths = {"fast": (fast, 10), "static": (static, 10), "generate_batched": (gen_batched, 10),
+    assert torch.equal(compiled(), want)
+    paths = {"fast": (fast, 10), "compiled": (compiled, 10), "static": (static, 10), "generate_batched": (gen_batched, 10),
              "generate_per_obs": (gen_per_obs, max(2, 20 // B))}
     runs = {k: [] for k in paths}
     for _ in range(3):
@@ -86,14 +92,15 @@ def test_decode_actions_per_second_vs_generate(benchmark, policy, one_thread, B)
     aps = {k: B / s for k, s in t.items()}
     vs_batched = t["generate_batched"] / t["fast"]
     vs_per_obs = t["generate_per_obs"] / t["fast"]
+    compiled_vs_batched = t["generate_batched"] / t["compiled"]
     record(benchmark,
            f"decode tiny OpenVLA, CPU 1 thread, batch {B} (prompt {mask.shape[1]} cols, 7 action tokens): "
-           f"fast {aps['fast']:.0f} actions/s, static {aps['static']:.0f}, generate batched "
-           f"{aps['generate_batched']:.0f}, generate per obs {aps['generate_per_obs']:.0f} -> "
-           f"x{vs_batched:.2f} vs batched generate, x{vs_per_obs:.1f} vs per-obs generate, "
-           f"x{t['static'] / t['fast']:.2f} vs static",
+           f"fast {aps['fast']:.0f} actions/s, compiled {aps['compiled']:.0f}, static {aps['static']:.0f}, "
+           f"generate batched {aps['generate_batched']:.0f}, generate per obs {aps['generate_per_obs']:.0f} -> "
+           f"fast x{vs_batched:.2f} and compiled x{compiled_vs_batched:.2f} vs batched generate, "
+           f"fast x{vs_per_obs:.1f} vs per-obs generate, fast x{t['static'] / t['fast']:.2f} vs static",
            batch=B, seconds=t, actions_per_s=aps, speedup_vs_generate_batched=vs_batched,
-           speedup_vs_generate_per_obs=vs_per_obs)
+           compiled_speedup_vs_generate_batched=compiled_vs_batched, speedup_vs_generate_per_obs=vs_per_obs)
     assert vs_batched > 1.0, "batched decoding must beat batched generate on the same model"
     if B == 16:
         assert vs_per_obs >= 3.0, "the issue's bar: >= 3x generate (one observation per call) at batch 16"

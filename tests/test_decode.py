@@ -12,6 +12,8 @@ from vlarl_fast.policy.decode import IMPLS, action_hidden, action_logprobs_of, d
 from vlarl_fast.policy.openvla import build_llama_tokenizer, random_tiny_openvla
 from vlarl_fast.policy.protocol import left_pad
 
+# "compiled" has its own test (compiling takes a while)
+EAGER_IMPLS = tuple(i for i in IMPLS if i != "compiled")
 INSTR = ["pick up the black bowl and place it on the plate", "open the top drawer",
          "turn on the stove and put the moka pot on it"]
 
@@ -48,7 +50,7 @@ def test_greedy_batched_decoding_equals_generate(kind, request):
     assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths: rows are left padded
     want = generate_actions(_causal_lm(policy), embeds, mask, m.vocab_start, m.vocab_end, policy.tokenizer.pad_token_id)
     assert want.shape == (B, 7)
-    for impl in IMPLS:
+    for impl in EAGER_IMPLS:
         got = decode_actions(m, embeds, mask, pos, greedy=True, impl=impl)
         assert torch.equal(got.tokens, want), impl
     # and each prompt decoded alone (no padding at all) gives its row of the batch
@@ -80,13 +82,41 @@ def test_fast_steps_equal_the_decoder_forward_reference_when_sampling(openvla):
     imgs, _ = _obs(openvla, 7, seed=2)
     _, (embeds, mask, pos) = openvla._prompt(imgs, None, [INSTR[i % 3] for i in range(7)])
     runs = {impl: decode_actions(m, embeds, mask, pos, temperature=1.3, generator=torch.Generator().manual_seed(5),
-                                 impl=impl) for impl in IMPLS}
+                                 impl=impl) for impl in EAGER_IMPLS}
     for impl in ("static", "dynamic"):
         assert torch.equal(runs["fast"].tokens, runs[impl].tokens), impl
         torch.testing.assert_close(runs["fast"].logprobs, runs[impl].logprobs, atol=1e-5, rtol=0)
         real = mask.bool()   # padding columns hold states no output reads
         torch.testing.assert_close(runs["fast"].prompt_hidden[real], runs[impl].prompt_hidden[real], atol=1e-5, rtol=0)
     assert (mask == 0).any()   # the batch really is padded
+
+
+def test_compiled_decoding_equals_the_eager_fast_path(openvla):
+    # torch.compile of the same steps (one graph for all 6, the whole buffer attended under a per-step
+    # mask); a padded batch greedy, then another batch size sampling (shapes become dynamic)
+    m = openvla.model
+    for B, greedy in ((5, True), (3, False)):
+        imgs, _ = _obs(openvla, B, seed=B)
+        _, (embeds, mask, pos) = openvla._prompt(imgs, None, [INSTR[(i + B) % 3] for i in range(B)])
+        runs = [decode_actions(m, embeds, mask, pos, greedy=greedy, temperature=1.3, impl=impl,
+                               generator=torch.Generator().manual_seed(B)) for impl in ("compiled", "fast")]
+        assert torch.equal(runs[0].tokens, runs[1].tokens)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, atol=1e-5, rtol=0)
+        real = mask.bool()
+        torch.testing.assert_close(runs[0].prompt_hidden[real], runs[1].prompt_hidden[real], atol=1e-5, rtol=0)
+        assert (mask == 0).any()
+    # the compiled graphs read the current weights: an in-place update (an optimizer step) reaches them
+    w = m.decoder.layers[0].self_attn.q_proj.weight
+    before = decode_actions(m, embeds, mask, pos, greedy=True, impl="compiled").prompt_hidden
+    try:
+        with torch.no_grad():
+            w.mul_(3.0)
+        after = [decode_actions(m, embeds, mask, pos, greedy=True, impl=impl) for impl in ("compiled", "fast")]
+    finally:
+        with torch.no_grad():
+            w.div_(3.0)
+    assert not torch.allclose(after[0].prompt_hidden, before)
+    torch.testing.assert_close(after[0].prompt_hidden[real], after[1].prompt_hidden[real], atol=1e-5, rtol=0)
 
 
 class _PlainLlama:

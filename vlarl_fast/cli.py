@@ -64,6 +64,10 @@ class EvalCommand:
     """Weights' dtype of an OpenVLA or transformers checkpoint ('auto': bfloat16 on CUDA, float32 on the CPU)."""
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     """Attention kernel ('auto': flash_attention_2 on CUDA in 16-bit when flash-attn is installed, else sdpa)."""
+    decode: Literal["fast", "compiled"] = "fast"
+    """Action decoding: 'fast' (the prefill and 6 cached steps, eager) or 'compiled' (the same through
+    torch.compile: faster per call, but each new batch size or prompt length first compiles for seconds to a
+    minute, so it pays off for long runs and large models)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -149,6 +153,7 @@ def cmd_eval(args: list[str]) -> int:
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
                          image_size=env.image_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                          attn_implementation=cfg.attn_implementation)
+    policy.decode_impl = cfg.decode
     per_state = cfg.episodes_per_state or EPISODES_PER_STATE[cfg.env]
     try:
         n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task)

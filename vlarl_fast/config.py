@@ -82,6 +82,10 @@ class PolicyConfig:
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     """Attention kernel of the language model ('auto': flash_attention_2 on a CUDA device in 16-bit when
     flash-attn is installed, the `flash` extra; PyTorch's SDPA otherwise)."""
+    decode: Literal["fast", "compiled"] = "fast"
+    """Action decoding: 'fast' (the prefill and 6 cached steps, eager) or 'compiled' (the same through
+    torch.compile: faster per call, but each new batch size or prompt length first compiles for seconds to a
+    minute, so it pays off for long runs and large models)."""
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass instead of keeping them (less memory,
     about a third more compute): for large backbones on a GPU."""

@@ -108,6 +108,7 @@ def train(cfg: TrainConfig) -> dict:
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
                          device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers,
                          dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
+    policy.decode_impl = cfg.policy.decode
     if cfg.policy.gradient_checkpointing:
         enable_gradient_checkpointing(policy.model)
     if cfg.skip_sft and policy.norm_stats is None and cfg.env.benchmark == "libero":

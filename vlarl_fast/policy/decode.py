@@ -11,6 +11,9 @@ Implementations (``impl``), each the reference of the one before:
 - ``"fast"`` (default) where the decoder is a Llama: the prefill and the 6 steps through ``llama_step``
   (``LlamaDecoderLayer``'s arithmetic without transformers' per-call machinery: mask building, output
   hooks, cache bookkeeping) on key/value buffers sized to prompt + 6; other decoders as "static";
+- ``"compiled"``: "fast" through ``torch.compile`` (``llama_step``: every step has the same shapes, so one
+  graph serves all 6; the first call for a new batch or prompt length compiles, seconds to a minute);
+  worth it where decoding is a large share of the time, the CPU benchmark's ``compiled`` row says how much;
 - ``"static"``: a ``StaticCache`` sized to prompt + 6, the prefill and every step through the decoder's
   forward;
 - ``"dynamic"``: transformers' growing ``DynamicCache``, the plainest form.
@@ -37,7 +40,7 @@ from ..kernels import action_logprobs
 from . import llama_step
 from .action_tokenizer import ACTION_DIM
 
-IMPLS = ("fast", "static", "dynamic")
+IMPLS = ("fast", "compiled", "static", "dynamic")
 # transformers renamed create_causal_mask's past_key_values to cache (the old name goes in 5.40)
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -65,6 +68,7 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
     log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's hidden states.
 
     ``impl``: "fast" (prefill and steps by ``llama_step`` where the decoder is a Llama, else as "static"),
+    "compiled" ("fast" through torch.compile),
     "static" (a StaticCache, prefill and every step through ``decoder(...)``) or "dynamic" (transformers'
     DynamicCache, the plainest form).
 
@@ -82,8 +86,8 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
     capture = capture_layer is not None
     positions = pos[:, -1:] + torch.arange(1, ACTION_DIM, device=pos.device)[None]  # [B, 6]
     stepper = None
-    if impl == "fast" and llama_step.supports(dec):
-        stepper = llama_step.LlamaStepper(dec, full_mask, pos, positions, S, embeds.dtype)
+    if impl in ("fast", "compiled") and llama_step.supports(dec):
+        stepper = llama_step.LlamaStepper(dec, full_mask, pos, positions, S, embeds.dtype, compiled=impl == "compiled")
         out = stepper.prefill(embeds, capture_layer=capture_layer)
         prompt_hidden, frozen = (out[0], [out[1]]) if capture else (out, None)
     else:

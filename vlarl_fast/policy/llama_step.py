@@ -15,6 +15,12 @@ together, ``F.rms_norm``, and on the CPU attention as two batched matmuls around
 SDPA kernel costs more than that at these sizes; on a GPU SDPA stays). Projections that are not plain
 ``nn.Linear`` (LoRA adapters through peft) are called as modules, so their adapters apply.
 
+``compiled=True`` runs the prefill and the steps through ``torch.compile`` (inductor: on the CPU it fuses
+each layer's elementwise work into a few C++ loops; the first call for a new shape compiles, which
+takes seconds to a minute). Every step then has the same shapes: the fed-back token's keys and values
+go into the buffers by an index tensor and its query attends over the whole buffer, the columns not
+yet written hidden by the step's mask, so the 6 steps share one compiled graph.
+
 The arithmetic is ``LlamaDecoderLayer``'s (RMSNorm in fp32, RoPE by rotate-half, softmax attention, SiLU
 MLP, biases when the config has them), equal to float rounding. The readable reference is the same
 prefill and steps through ``decoder(...)`` (``decode.decode_actions(impl="static")``);
@@ -90,7 +96,7 @@ class LlamaStepper:
     action tokens back one at a time (``positions`` [B, steps])."""
 
     def __init__(self, decoder: LlamaModel, mask: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
-                 prompt_len: int, dtype: torch.dtype):
+                 prompt_len: int, dtype: torch.dtype, compiled: bool = False):
         if not supports(decoder):
             raise TypeError(f"LlamaStepper drives transformers' LlamaModel, not {type(decoder).__name__}")
         self.decoder = decoder
@@ -102,15 +108,34 @@ class LlamaStepper:
         self.manual_attention = mask.device.type == "cpu"
         probe = torch.empty(0, device=positions.device, dtype=dtype)
         self.cos, self.sin = self._rope_tables(*decoder.rotary_emb(probe, positions))  # [B, 1, steps, d]
+        self.prompt_cos, self.prompt_sin = self._rope_tables(*decoder.rotary_emb(probe, pos))  # [B, 1, S, d]
         self.allowed = mask.bool()[:, None, None, :]                  # [B, 1, 1, L]
         self.bias = self._bias(self.allowed, dtype)
+        S = prompt_len
+        keys = self.allowed[:, :, 0, :S]                              # [B, 1, S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
+        # a padding row may see only itself: an all-masked row would give NaN, which the softmax's zero
+        # weights do not cancel once it reaches a value vector
+        self.prompt_allowed = ((causal & keys) | torch.eye(S, dtype=torch.bool, device=mask.device))[:, None]
+        self.prompt_bias = self._bias(self.prompt_allowed, dtype)    # [B, 1, S, S]
         B, L = mask.shape
         shape = (B, self.kv_heads, L, self.head_dim)
         self.layers = list(decoder.layers[: cfg.num_hidden_layers])
         fuse = not torch.is_grad_enabled() and _fusion_bytes(decoder) <= FUSE_MAX_BYTES
         self.fused = [_fused_weights(layer) if fuse else None for layer in self.layers]
-        self.kv = [(torch.empty(shape, dtype=dtype, device=mask.device),
-                    torch.empty(shape, dtype=dtype, device=mask.device)) for _ in self.layers]
+        self.compiled = compiled
+        # compiled steps attend over the whole buffer: the unwritten columns must hold numbers (their
+        # softmax weight is 0, and 0 x NaN would not vanish)
+        new = torch.zeros if compiled else torch.empty
+        self.kv = [(new(shape, dtype=dtype, device=mask.device), new(shape, dtype=dtype, device=mask.device))
+                   for _ in self.layers]
+        if compiled:
+            steps = L - S
+            cols = torch.arange(L, device=mask.device)
+            seen = self.allowed & (cols <= S + torch.arange(steps, device=mask.device)[:, None, None, None, None])
+            self.step_allowed = seen                                  # [steps, B, 1, 1, L]
+            self.step_bias = self._bias(seen, dtype)
+            self.step_index = [torch.tensor([k], device=mask.device) for k in range(steps)]
 
     def _rope_tables(self, cos: torch.Tensor, sin: torch.Tensor):
         # x * cos + rotate_half(x) * sin == x * cos + roll(x, d/2) * sin', with sin' = sin whose first half
@@ -127,35 +152,45 @@ class LlamaStepper:
     def prefill(self, x: torch.Tensor, capture_layer: int | None = None):
         """Prompt embeddings [B, S, H] -> final hidden states [B, S, H] (and, with ``capture_layer``, that
         layer's input [B, S, H]); fills the key/value buffers' first S columns."""
-        B, S, _ = x.shape
-        cos, sin = self._rope_tables(*self.decoder.rotary_emb(x, self.pos))  # [B, 1, S, head_dim]
-        keys = self.allowed[:, :, 0, :S]                              # [B, 1, S]
-        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
-        # a padding row may see only itself: an all-masked row would give NaN, which the softmax's zero
-        # weights do not cancel once it reaches a value vector
-        allowed = (causal & keys) | torch.eye(S, dtype=torch.bool, device=x.device)
-        allowed = allowed[:, None]                                    # [B, 1, S, S]
-        bias = self._bias(allowed, x.dtype)
+        if self.compiled:
+            return _compiled("_prefill")(self, x, capture_layer)
+        return self._prefill(x, capture_layer)
+
+    def _prefill(self, x: torch.Tensor, capture_layer: int | None):
+        S = x.shape[1]
         captured = None
         for i, layer in enumerate(self.layers):
             if i == capture_layer:
                 captured = x
-            x = self._layer(i, layer, x, cos, sin, allowed, bias, 0, S)
+            x = self._layer(i, layer, x, self.prompt_cos, self.prompt_sin, self.prompt_allowed, self.prompt_bias,
+                            0, S)
         out = _rms(x, self.decoder.norm)
         return out if capture_layer is None else (out, captured)
 
     def step(self, x: torch.Tensor, k: int, capture_layer: int | None = None):
         """Embedding of the k-th fed-back token [B, 1, H] -> final hidden state [B, H] (and, with
         ``capture_layer``, that layer's input [B, 1, H])."""
+        if self.compiled:
+            return _compiled("_step_indexed")(self, x, self.step_index[k], capture_layer)
         t = self.prompt_len + k
         cos, sin = self.cos[:, :, k:k + 1], self.sin[:, :, k:k + 1]
         mask = self.allowed[..., :t + 1]
         bias = None if self.bias is None else self.bias[..., :t + 1]
+        return self._step_layers(x, cos, sin, mask, bias, t, t + 1, capture_layer)
+
+    def _step_indexed(self, x: torch.Tensor, k: torch.Tensor, capture_layer: int | None):
+        # the same step with shapes that do not depend on k: one graph for all steps
+        cos, sin = self.cos.index_select(2, k), self.sin.index_select(2, k)
+        mask = self.step_allowed.index_select(0, k)[0]
+        bias = None if self.step_bias is None else self.step_bias.index_select(0, k)[0]
+        return self._step_layers(x, cos, sin, mask, bias, k + self.prompt_len, None, capture_layer)
+
+    def _step_layers(self, x, cos, sin, mask, bias, start, end, capture_layer):
         captured = None
         for i, layer in enumerate(self.layers):
             if i == capture_layer:
                 captured = x
-            x = self._layer(i, layer, x, cos, sin, mask, bias, t, t + 1)
+            x = self._layer(i, layer, x, cos, sin, mask, bias, start, end)
         out = _rms(x, self.decoder.norm)[:, -1]
         return out if capture_layer is None else (out, captured)
 
@@ -174,9 +209,10 @@ class LlamaStepper:
         o = torch.bmm(torch.softmax(s, -1), V.reshape(B * Hkv, L, d))
         return o.view(B, Hq, n, d)
 
-    def _layer(self, i: int, layer, x, cos, sin, mask, bias, start: int, end: int) -> torch.Tensor:
+    def _layer(self, i: int, layer, x, cos, sin, mask, bias, start, end: int | None) -> torch.Tensor:
         """``LlamaDecoderLayer`` for the columns [start, end): their keys/values go into the layer's buffers,
-        their queries attend over the buffers' first `end` columns."""
+        their queries attend over the buffers' first `end` columns. With ``end`` None, ``start`` is a
+        tensor of columns written by index, and the queries attend over the whole buffers."""
         B, n, _ = x.shape
         a, m = layer.self_attn, layer.mlp
         K, V = self.kv[i]
@@ -190,9 +226,14 @@ class LlamaStepper:
             qk = torch.cat([_proj(h, a.q_proj).view(B, n, Hq, d), _proj(h, a.k_proj).view(B, n, Hkv, d)], 2)
             qk, v = qk.transpose(1, 2), _proj(h, a.v_proj).view(B, n, Hkv, d).transpose(1, 2)
         qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)       # RoPE on queries and keys at once
-        K[:, :, start:end] = qk[:, Hq:]
-        V[:, :, start:end] = v
-        o = self._attend(qk[:, :Hq], K[:, :, :end], V[:, :, :end], mask, bias, a.scaling)
+        if end is None:
+            K.index_copy_(2, start, qk[:, Hq:])
+            V.index_copy_(2, start, v)
+        else:
+            K[:, :, start:end] = qk[:, Hq:]
+            V[:, :, start:end] = v
+            K, V = K[:, :, :end], V[:, :, :end]
+        o = self._attend(qk[:, :Hq], K, V, mask, bias, a.scaling)
         x = x + _proj(o.transpose(1, 2).reshape(B, n, -1), a.o_proj)
         h = _rms(x, layer.post_attention_layernorm)
         if fused is not None:
@@ -200,3 +241,15 @@ class LlamaStepper:
         else:
             gate, up = _proj(h, m.gate_proj), _proj(h, m.up_proj)
         return x + _proj(m.act_fn(gate) * up, m.down_proj)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str):
+    """torch.compile of a LlamaStepper method, made once per process (dynamo keeps one graph per shape
+    and guard set: a new batch or prompt length compiles again, then shapes are treated as dynamic)."""
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = _COMPILED[name] = torch.compile(getattr(LlamaStepper, name))
+    return fn
