@@ -117,7 +117,9 @@ def collect_demos(task_ids: list[str], episodes_per_task: int, noise: float = 0.
         n_states = max(env.unwrapped.task.num_init_states, layouts)
         kept, tries = 0, 0
         while kept < episodes_per_task and tries < max_attempts * episodes_per_task:
-            k = (kept + tries * 7) % n_states
+            # scene `kept` in turn; after a failed attempt, one 7 scenes further on (a scene the noisy
+            # expert fails on is not retried at once)
+            k = (kept + 7 * (tries - kept)) % n_states
             tries += 1
             obs, info = env.reset(seed=int(rng.integers(2**31)), options={"init_state": k})
             imgs, states, actions = [], [], []
