@@ -199,7 +199,7 @@ def test_envs_move_to_balance_measured_costs_and_their_episodes_go_on_unchanged(
     with VectorEnv(fns, backend="process", num_workers=2, reset_options=opts(np.random.default_rng(3))) as pv, \
             VectorEnv(fns, reset_options=opts(np.random.default_rng(3))) as iv:
         assert list(pv.env_workers) == [0, 1, 0, 1]
-        _compare(pv, iv, 40, seed=5)
+        _compare(pv, iv, 60, seed=5)  # moves start once every env has MIN_COST_SAMPLES steps timed
         assert pv.moves >= 1
         loads = _worker_loads(pv)
         assert loads.max() < 1.5 * loads.min(), (pv.env_workers, pv.step_costs)
@@ -208,7 +208,7 @@ def test_envs_move_to_balance_measured_costs_and_their_episodes_go_on_unchanged(
 
 def test_envs_move_while_others_are_in_flight_and_each_trajectory_stays_exact():
     # send/recv one env at a time: a move happens while the other worker's envs are stepping
-    fns, n, steps = _uneven_fns(4), 4, 30
+    fns, n, steps = _uneven_fns(4), 4, 60
     rng = np.random.default_rng(0)
     acts = rng.uniform(-1, 1, (n, steps, 7)).astype(np.float32)
     with VectorEnv(fns, backend="process", num_workers=2) as pv:
@@ -248,7 +248,7 @@ def test_a_move_that_does_not_replay_its_reset_is_reported_and_the_new_episode_r
         pv.reset(seed=0)
         a = np.zeros((4, 7), np.float32)
         with pytest.warns(RuntimeWarning, match="did not reproduce its reset"):
-            for _ in range(30):
+            for _ in range(60):
                 obs = pv.step(a)[0]
                 _same(obs, pv.observations(range(4)), "returned obs = the envs' current obs")
         assert pv.moves >= 1
@@ -260,7 +260,7 @@ def test_a_move_that_does_not_replay_its_reset_is_reported_and_the_new_episode_r
 def test_rebalance_off_keeps_the_start_assignment():
     with VectorEnv(_uneven_fns(4), backend="process", num_workers=2, rebalance=False) as pv:
         pv.reset(seed=0)
-        for _ in range(30):
+        for _ in range(60):
             pv.step(np.zeros((4, 7), np.float32))
         assert pv.moves == 0 and list(pv.env_workers) == [0, 1, 0, 1]
 

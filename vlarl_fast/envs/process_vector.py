@@ -50,8 +50,8 @@ MAX_CONSECUTIVE_RESTARTS = 3
 RESTART_SEED_STRIDE = 1_000_003
 # step costs: weight of the newest step in each env's running average, and the steps every env
 # needs before envs move between workers
-COST_EMA = 0.1
-MIN_COST_SAMPLES = 8
+COST_EMA = 0.02
+MIN_COST_SAMPLES = 32
 _WAIT_SLICE_S = 0.05
 
 
