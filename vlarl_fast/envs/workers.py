@@ -250,8 +250,7 @@ class _Server:
         try:
             if cmd == DETACH:
                 self._detach(i, slot)
-                return True
-            if cmd == ATTACH:
+            elif cmd == ATTACH:
                 self._attach(i, slot)
             elif cmd != NOP:  # a NOP only wakes us (to read the pipe)
                 self._run(i, slot, cmd)
@@ -282,7 +281,6 @@ class _Server:
         except Exception:
             pass
         slot.flags[:] = 0
-        self.batch.set_state(i, DONE)
 
     def _attach(self, i: int, slot: _Slot) -> None:
         """Take env i over: build it, replay its last reset, check the observation it gives."""
