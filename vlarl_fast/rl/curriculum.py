@@ -82,8 +82,8 @@ class Curriculum:
                 "visits": {t: v.tolist() for t, v in self.visits.items()}}
 
     def load_state_dict(self, state: dict) -> list[str]:
-        """Restore the statistics of the tasks both know; returns the tasks restored. The window of
-        """
+        """Restore the statistics of the tasks both know; returns the tasks restored. This run's window
+        applies: a longer saved history keeps only its most recent outcomes."""
         restored = []
         for t, outs in state.get("outcomes", {}).items():
             if t not in self.outcomes:
