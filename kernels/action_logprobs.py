@@ -227,10 +227,16 @@ class _ActionLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        inv_temp, vs, ve, want_entropy, backend = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dh or need_dw):
             return (None,) * 8
+        with torch.autocast(hidden.device.type, enabled=False):   # loss.backward() may run inside autocast
+            return _ActionLogprobs._backward(ctx, hidden, weight, targets, lse, entropy, g_logp, g_ent,
+                                             need_dh, need_dw)
+
+    @staticmethod
+    def _backward(ctx, hidden, weight, targets, lse, entropy, g_logp, g_ent, need_dh, need_dw):
+        inv_temp, vs, ve, want_entropy, backend = ctx.cfg
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
         if backend == "triton":
@@ -254,6 +260,10 @@ def action_logprobs(hidden, weight, targets, *, temperature: float = 1.0, vocab_
     Raises ValueError on mismatched shapes/dtypes/devices, targets outside the slice, a
     non-positive temperature, and non-finite inputs (detected through the outputs).
     """
+    if torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != weight.dtype:
+        # under autocast the LM hands back hidden in the autocast dtype while the head's weight stays the
+        # float32 master copy; the log-softmax wants one dtype and float32 accumulation anyway
+        hidden = hidden.to(weight.dtype)
     vs, ve = _validate(hidden, weight, targets, temperature, vocab_start, vocab_end, backend)
     if backend is None:
         backend = "triton" if hidden.is_cuda else "torch"
@@ -264,7 +274,8 @@ def action_logprobs(hidden, weight, targets, *, temperature: float = 1.0, vocab_
                              "before triton is imported; use backend='torch' (or None) for CPU tensors")
     hidden = hidden.contiguous()
     weight = weight.contiguous() if not weight.is_contiguous() else weight
-    logp, entropy = _ActionLogprobs.apply(hidden, weight, targets, 1.0 / float(temperature), vs, ve,
-                                          bool(return_entropy), backend)
+    with torch.autocast(hidden.device.type, enabled=False):   # autocast would round the chunks' products
+        logp, entropy = _ActionLogprobs.apply(hidden, weight, targets, 1.0 / float(temperature), vs, ve,
+                                              bool(return_entropy), backend)
     _check_finite(logp, entropy, hidden, weight, vs, ve)
     return (logp, entropy) if return_entropy else logp

@@ -265,3 +265,28 @@ def test_torch_path_peak_memory_is_a_fraction_of_naive():
     # Naive: N x V x 4 B = 262 MB per full-vocabulary temporary.
     peaks = cpu_peaks(2048, 32, 32064, weight_scale=0.2, timeout=300)
     assert peaks["fused"] <= peaks["naive"] / 4, {k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}
+
+
+@pytest.mark.parametrize("n,h,vs,ve", [(1, 8, 0, 5), (13, 24, 3, 259), (70, 40, 100, 357)])
+def test_action_logprobs_under_autocast_computes_in_float32(n, h, vs, ve):
+    """Under bfloat16 autocast the LM hands over bfloat16 hidden states with the float32 head weight: the
+    log-probs are those of the float32 reference on those hidden states, gradients included."""
+    g = torch.Generator().manual_seed(n)
+    hidden = torch.randn(n, h, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(ve + 3, h, generator=g).requires_grad_()
+    targets = torch.randint(vs, ve, (n,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = action_logprobs(hidden, weight, targets, vocab_start=vs, vocab_end=ve, return_entropy=True,
+                                    temperature=0.7)
+        (logp.sum() + 0.5 * ent.sum()).backward()   # backward inside autocast too
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    h32 = hidden.detach().float().requires_grad_()
+    w32 = weight.detach().clone().requires_grad_()
+    ref_logp, ref_ent = action_logprobs_reference(h32, w32, targets, vocab_start=vs, vocab_end=ve,
+                                                  return_entropy=True, temperature=0.7)
+    (ref_logp.sum() + 0.5 * ref_ent.sum()).backward()
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weight.grad, w32.grad, rtol=1e-5, atol=1e-5)

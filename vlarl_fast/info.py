@@ -197,6 +197,21 @@ def _attention(cuda: bool) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
+def _bc_precision(cuda: bool) -> str:
+    """What --sft.bc-autocast auto picks for the behaviour-cloning steps on this machine's CPU (and GPU)."""
+    try:
+        from .policy.precision import cpu_native_bf16, resolve_bc_autocast
+        native = cpu_native_bf16()
+        cpu = (f"bfloat16 autocast on the CPU ({native})" if native
+               else "float32 on the CPU (no native bfloat16: AMX or AVX512-BF16)")
+        if cuda:
+            gpu = "bfloat16" if resolve_bc_autocast("auto", "cuda") else "float32"
+            return f"{cpu}; {gpu} on CUDA"
+        return cpu
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"
+
+
 def collect_info() -> dict:
     """Everything `vlarl-fast info` reports, as a JSON-serialisable dict. Never raises."""
     try:
@@ -216,6 +231,7 @@ def collect_info() -> dict:
         "extension": _extension(),
         "triton": _triton(acc["cuda"]),
         "attention": _attention(acc["cuda"]),
+        "bc_precision": _bc_precision(acc["cuda"]),
         "render": _render(),
         "suites": _suites(),
         "libero": _libero(),
@@ -265,6 +281,7 @@ def format_info(info: dict) -> str:
               f"  env stepping  {_env_stepping(ext['usable'])}",
               f"  Triton        {info['triton']}",
               f"  attention     {info['attention']}",
+              f"  BC precision  {info['bc_precision']}",
               f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
               "  task suites   " + ("error: " + suites["error"] if "error" in suites
                                     else ", ".join(f"{k} ({v} tasks)" for k, v in suites.items()))]

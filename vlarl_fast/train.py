@@ -82,6 +82,7 @@ def train(cfg: TrainConfig) -> dict:
     from rich.console import Console
 
     from .envs.tabletop.expert import collect_demos
+    from .policy.precision import resolve_bc_autocast
     from .rl.sft import demos_to_arrays, sft_train
     from .rl.curriculum import Curriculum
     from .rl.ire import SupervisedStage
@@ -109,6 +110,7 @@ def train(cfg: TrainConfig) -> dict:
                          device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers,
                          dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
     policy.decode_impl = cfg.policy.decode
+    bc_dtype = resolve_bc_autocast(cfg.sft.bc_autocast, cfg.device)
     if cfg.policy.gradient_checkpointing:
         enable_gradient_checkpointing(policy.model)
     if cfg.skip_sft and policy.norm_stats is None and cfg.env.benchmark == "libero":
@@ -116,7 +118,7 @@ def train(cfg: TrainConfig) -> dict:
         policy.norm_stats = NormStats.identity()
         console.print("note: the policy has no action statistics; it acts in LIBERO's normalised [-1, 1] space")
     logger = _Logger(out, cfg.tensorboard)
-    summary: dict = {"tasks": tasks, "seed": cfg.seed}
+    summary: dict = {"tasks": tasks, "seed": cfg.seed, "bc_dtype": str(bc_dtype or torch.float32).removeprefix("torch.")}
     timings: dict[str, float] = {}
 
     # ---- 1. SFT -----------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def train(cfg: TrainConfig) -> dict:
             losses = sft_train(policy, data, epochs=cfg.sft.epochs, batch_size=cfg.sft.batch_size,
                                lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
                                augment_pad=cfg.sft.augment_pad, warmup_steps=cfg.sft.warmup_steps,
-                               progress=bar,
+                               progress=bar, autocast_dtype=bc_dtype,
                                log=lambda e, l: logger.scalars("sft", {"loss": l}, e))
         timings["sft_s"] = time.perf_counter() - t0
         console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "
@@ -177,7 +179,7 @@ def train(cfg: TrainConfig) -> dict:
             stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
                                     learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
                                     weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
-                                    balance_tasks=cfg.ire.balance_tasks)
+                                    balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
         envs = VectorEnv(fns, backend=cfg.env.backend, reset_options=None if curriculum is None else
                          (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
         try:

@@ -35,7 +35,8 @@ def all_trainable_but_value(model):
 
 class SupervisedStage:
     def __init__(self, policy: VLAPolicy, expert: dict | None, *, steps: int, batch_size: int, learning_rate: float,
-                 online_fraction: float, weight_decay: float = 0.01, seed: int = 0, balance_tasks: bool = False):
+                 online_fraction: float, weight_decay: float = 0.01, seed: int = 0, balance_tasks: bool = False,
+                 autocast_dtype: torch.dtype | None = None):
         if steps < 0 or batch_size <= 0:
             raise ValueError(f"the supervised stage needs steps >= 0 and batch_size > 0; got {steps}, {batch_size}")
         if not 0.0 <= online_fraction <= 1.0:
@@ -47,6 +48,7 @@ class SupervisedStage:
         self.steps, self.batch_size, self.online_fraction = steps, batch_size, online_fraction
         self.lr, self.weight_decay = learning_rate, weight_decay
         self.balance_tasks = balance_tasks
+        self.autocast_dtype = autocast_dtype
         self.rng = np.random.default_rng(seed)
         self.optimizer: torch.optim.Optimizer | None = None   # kept across stages (Adam moments stay warm)
         self.stages = 0
@@ -97,7 +99,8 @@ class SupervisedStage:
                 states = np.concatenate([p[1] for p in parts]).astype(np.float32)
                 instructions = [s for p in parts for s in p[2]]
                 tokens = torch.cat([p[3] for p in parts])
-                losses.append(bc_step(pol, self.optimizer, images, states, instructions, tokens))
+                losses.append(bc_step(pol, self.optimizer, images, states, instructions, tokens,
+                                      autocast_dtype=self.autocast_dtype))
             model.eval()
         self.stages += 1
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "online_steps": n_on,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..policy import NormStats, VLAPolicy
+from ..policy.precision import mixed_precision
 
 
 def demos_to_arrays(episodes: list[dict]) -> dict:
@@ -36,16 +37,20 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
 
 def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, states: np.ndarray,
             instructions: list[str], tokens: torch.Tensor, *, augment_pad: int = 0,
-            generator: torch.Generator | None = None) -> float:
-    """One behaviour-cloning gradient step (mean token cross-entropy); returns the loss."""
+            generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None) -> float:
+    """One behaviour-cloning gradient step (mean token cross-entropy); returns the loss.
+
+    ``autocast_dtype`` (e.g. bfloat16): the forward's matrix products in that dtype, the float32 weights
+    and optimiser untouched (``precision.resolve_bc_autocast`` picks it)."""
     model = policy.model
     imgs, st = policy.to_tensor_obs(images, states)
     if augment_pad:
         imgs = random_shift(imgs.cpu(), augment_pad, generator).to(imgs.device)
     text_ids, text_mask = policy.encode_prompts(instructions)
-    feats = model.encode_images(model.preprocess_images(imgs))
-    logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
-    loss = -logp.mean()
+    with mixed_precision(policy.device, autocast_dtype):
+        feats = model.encode_images(model.preprocess_images(imgs))
+        logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
+        loss = -logp.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -63,7 +68,7 @@ def lr_factor(step: int, total: int, warmup_steps: int = 0, floor: float = 0.1) 
 
 def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
               seed: int, fit_stats: bool = True, augment_pad: int = 0, warmup_steps: int = 0, progress=None,
-              log=None) -> list[float]:
+              log=None, autocast_dtype: torch.dtype | None = None) -> list[float]:
     """Behaviour cloning; fits q01/q99 action statistics from the data first (if asked).
 
     The learning rate rises linearly over ``warmup_steps``, then decays by a cosine to 10%.
@@ -88,7 +93,8 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
             loss = bc_step(policy, opt, data["images"][idx], data["states"][idx],
-                           [data["instructions"][i] for i in idx], tokens[idx], augment_pad=augment_pad, generator=gen)
+                           [data["instructions"][i] for i in idx], tokens[idx], augment_pad=augment_pad, generator=gen,
+                           autocast_dtype=autocast_dtype)
             sched.step()
             tot += loss * len(idx)
             cnt += len(idx)
