@@ -282,8 +282,7 @@ def test_action_logprobs_under_autocast_computes_in_float32(n, h, vs, ve):
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
     h32 = hidden.detach().float().requires_grad_()
     w32 = weight.detach().clone().requires_grad_()
-    ref_logp, ref_ent = action_logprobs_reference(h32, w32, targets, vocab_start=vs, vocab_end=ve,
-                                                  return_entropy=True, temperature=0.7)
+    ref_logp, ref_ent = reference(h32, w32, targets, temperature=0.7, vocab_start=vs, vocab_end=ve)
     (ref_logp.sum() + 0.5 * ref_ent.sum()).backward()
     torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)

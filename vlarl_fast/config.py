@@ -106,8 +106,8 @@ class SFTConfig:
     as teleoperated demonstrations are."""
     epochs: int = 30
     """Passes over the demonstration steps. They set where RL starts: on the default suite 30 epochs end SFT
-    near 37% success (loss about 0.4) and 40 epochs near 50% (loss about 0.06); RL then ends near 50% and 60%,
-    so 30 leaves more for RL to gain and takes a quarter less time."""
+    near 35-40% success (loss about 0.4) and 40 epochs near 50% (loss about 0.06); RL then ends near 50% and
+    60%, so 30 leaves more for RL to gain and takes a quarter less time."""
     augment_pad: int = 0
     """Random-shift image augmentation: pad by this many pixels and crop back (0: off)."""
     batch_size: int = 64
@@ -122,7 +122,7 @@ class SFTConfig:
     bc_autocast: Literal["auto", "bfloat16", "off"] = "auto"
     """Matrix products of the behaviour-cloning steps (SFT and iRe's supervised stages) in bfloat16 through
     torch.autocast; weights, gradients and AdamW stay float32. 'auto': on for a CUDA device with bfloat16 and a
-    CPU with native bfloat16 (AMX or AVX512-BF16, where a step runs about 1.5x faster), off elsewhere (`vlarl-fast
+    CPU with native bfloat16 (AMX or AVX512-BF16, where a step runs x1.2-1.4 faster), off elsewhere (`vlarl-fast
     info` says which); 'off': float32 throughout. PPO updates stay float32: their ratio is taken against
     log-probs from the float32 rollout forward."""
 
