@@ -230,22 +230,17 @@ class _ActionLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dh or need_dw):
             return (None,) * 8
-        with torch.autocast(hidden.device.type, enabled=False):   # loss.backward() may run inside autocast
-            return _ActionLogprobs._backward(ctx, hidden, weight, targets, lse, entropy, g_logp, g_ent,
-                                             need_dh, need_dw)
-
-    @staticmethod
-    def _backward(ctx, hidden, weight, targets, lse, entropy, g_logp, g_ent, need_dh, need_dw):
         inv_temp, vs, ve, want_entropy, backend = ctx.cfg
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
-        if backend == "triton":
-            from . import _triton_logprobs as tk
-            dh, dw = tk.backward(hidden, weight, targets, inv_temp, vs, ve, lse, entropy, g_logp, g_ent,
-                                 need_dh, need_dw)
-        else:
-            dh, dw = _torch_backward(hidden, weight, targets, inv_temp, vs, ve, lse, entropy, g_logp, g_ent,
+        with torch.autocast(hidden.device.type, enabled=False):   # loss.backward() may run inside autocast
+            if backend == "triton":
+                from . import _triton_logprobs as tk
+                dh, dw = tk.backward(hidden, weight, targets, inv_temp, vs, ve, lse, entropy, g_logp, g_ent,
                                      need_dh, need_dw)
+            else:
+                dh, dw = _torch_backward(hidden, weight, targets, inv_temp, vs, ve, lse, entropy, g_logp, g_ent,
+                                         need_dh, need_dw)
         return dh, dw, None, None, None, None, None, None
 
 

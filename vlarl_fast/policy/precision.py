@@ -3,7 +3,9 @@
 On a GPU a pretrained VLA runs in bfloat16 with flash-attn's kernels when flash-attn is installed
 (the `flash` extra), and PyTorch's SDPA otherwise; on a CPU it runs in float32 with SDPA. The tiny
 VLA trains from scratch and stays in float32 everywhere: bf16 weights without a float32 master copy
-lose the small updates a randomly initialised model needs.
+lose the small updates a randomly initialised model needs. Its behaviour-cloning steps may still run
+their matrix products in bfloat16 through autocast (``mixed_precision``), the float32 weights being
+the master copy.
 """
 from __future__ import annotations
 
