@@ -118,7 +118,8 @@ def train(cfg: TrainConfig) -> dict:
         policy.norm_stats = NormStats.identity()
         console.print("note: the policy has no action statistics; it acts in LIBERO's normalised [-1, 1] space")
     logger = _Logger(out, cfg.tensorboard)
-    summary: dict = {"tasks": tasks, "seed": cfg.seed, "bc_dtype": str(bc_dtype or torch.float32).removeprefix("torch.")}
+    summary: dict = {"tasks": tasks, "seed": cfg.seed,
+                     "bc_dtype": str(bc_dtype or torch.float32).removeprefix("torch.")}
     timings: dict[str, float] = {}
 
     # ---- 1. SFT -----------------------------------------------------------------------------
