@@ -2,13 +2,13 @@
 // shared memory itself: the batch object is their base, so the mapping lives as long as any view.
 // Every blocking wait runs without the GIL, in slices, so other Python threads run meanwhile and
 // Ctrl-C (any Python signal handler that raises) interrupts it.
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -27,22 +27,56 @@ namespace {
 constexpr double kSliceSeconds = 0.05;  // longest stretch without checking Python signals
 
 const char* kDtypes = "bool, int8, uint8, int16, uint16, int32, uint32, int64, uint64, float16, float32, float64";
+const char kCodes[] = "?bBhHiIqQefd";  // the numpy type characters of kDtypes, in that order
 
-char dtype_code(const py::dtype& dt) {
-  const char kind = dt.kind();
-  const auto size = dt.itemsize();
+// numpy is reached only through its Python API and the buffer protocol. Both are stable across
+// numpy releases, while the C structs behind numpy's C API change layout between them: an
+// extension that reads those structs, built against one numpy, crashes under another.
+struct Numpy {
+  py::object ndarray, dtype, asarray, ascontiguousarray, empty, can_cast, copyto, int64, uint32;
+  py::dict same_kind;         // casting="same_kind", built once rather than on every write()
+  py::object by_code[128];    // dtype objects by type character, so views do not rebuild them
+};
+// Filled when the module is imported and never freed: its destructor would release Python objects
+// after the interpreter has shut down.
+Numpy* g_np = nullptr;
+
+const Numpy& np() { return *g_np; }
+
+void init_numpy() {
+  py::module_ m = py::module_::import("numpy");
+  auto* n = new Numpy();
+  n->ndarray = m.attr("ndarray");
+  n->dtype = m.attr("dtype");
+  n->asarray = m.attr("asarray");
+  n->ascontiguousarray = m.attr("ascontiguousarray");
+  n->empty = m.attr("empty");
+  n->can_cast = m.attr("can_cast");
+  n->copyto = m.attr("copyto");
+  n->int64 = n->dtype("int64");
+  n->uint32 = n->dtype("uint32");
+  n->same_kind["casting"] = "same_kind";
+  for (const char* c = kCodes; *c; ++c) n->by_code[static_cast<int>(*c)] = n->dtype(std::string(1, *c));
+  g_np = n;
+}
+
+// Any dtype spec numpy.dtype() takes (a name, a type, a dtype) to the batch's type character.
+char dtype_code(py::handle spec) {
+  py::object dt = np().dtype(spec);
+  const std::string kind = py::str(dt.attr("kind"));
+  const auto size = dt.attr("itemsize").cast<size_t>();
   char code = 0;
-  if (dt.attr("isnative").cast<bool>() && dt.attr("fields").is_none()) {
-    if (kind == 'b' && size == 1) code = '?';
-    if (kind == 'i') code = size == 1 ? 'b' : size == 2 ? 'h' : size == 4 ? 'i' : size == 8 ? 'q' : 0;
-    if (kind == 'u') code = size == 1 ? 'B' : size == 2 ? 'H' : size == 4 ? 'I' : size == 8 ? 'Q' : 0;
-    if (kind == 'f') code = size == 2 ? 'e' : size == 4 ? 'f' : size == 8 ? 'd' : 0;
+  if (dt.attr("isnative").cast<bool>() && dt.attr("fields").is_none() && kind.size() == 1) {
+    if (kind[0] == 'b' && size == 1) code = '?';
+    if (kind[0] == 'i') code = size == 1 ? 'b' : size == 2 ? 'h' : size == 4 ? 'i' : size == 8 ? 'q' : 0;
+    if (kind[0] == 'u') code = size == 1 ? 'B' : size == 2 ? 'H' : size == 4 ? 'I' : size == 8 ? 'Q' : 0;
+    if (kind[0] == 'f') code = size == 2 ? 'e' : size == 4 ? 'f' : size == 8 ? 'd' : 0;
   }
   if (code == 0) throw py::type_error("unsupported dtype " + std::string(py::str(dt)) + "; use one of " + kDtypes);
   return code;
 }
 
-py::dtype code_dtype(char c) { return py::dtype(std::string(1, c)); }
+const py::object& code_dtype(char c) { return np().by_code[static_cast<unsigned char>(c) & 127]; }
 
 std::vector<py::ssize_t> env_shape(const FieldDesc& f) {
   std::vector<py::ssize_t> shape;
@@ -58,17 +92,45 @@ std::string shape_str(const std::vector<py::ssize_t>& shape) {
   return s.str();
 }
 
-py::array view(const std::shared_ptr<ShmBatch>& b, const FieldDesc& f, uint8_t* ptr, bool with_env_dim) {
-  std::vector<py::ssize_t> shape = env_shape(f);
-  if (with_env_dim) shape.insert(shape.begin(), static_cast<py::ssize_t>(b->num_envs()));
-  py::dtype dt = code_dtype(f.dtype);
-  std::vector<py::ssize_t> strides(shape.size());
-  py::ssize_t s = dt.itemsize();
-  for (size_t i = shape.size(); i-- > 0;) {
-    strides[i] = s;
-    s *= shape[i];
+// Py_buffer released on scope exit.
+struct BufferView {
+  Py_buffer view{};
+  bool held = false;
+  ~BufferView() {
+    if (held) PyBuffer_Release(&view);
   }
-  return py::array(dt, shape, strides, ptr, py::cast(b));  // base = the batch: no copy, kept alive
+};
+
+// The batch's buffer protocol: the whole mapped region as writable bytes, so numpy can build views
+// on it with the batch as their base (every view keeps the mapping alive). A closed batch refuses.
+// Written against the C API rather than pybind11's buffer hook, which lets a C++ exception escape
+// into Python's C code in pybind11 2.x.
+extern "C" int batch_getbuffer(PyObject* self, Py_buffer* view, int flags) {
+  const ShmBatch* b = nullptr;
+  try {
+    b = &py::handle(self).cast<const ShmBatch&>();
+  } catch (...) {
+    PyErr_SetString(PyExc_BufferError, "SharedBatch: not an initialised batch (use SharedBatch.create or attach)");
+  }
+  if (b != nullptr && b->closed()) {
+    PyErr_Format(PyExc_BufferError, "batch %s is closed", b->name().c_str());
+    b = nullptr;
+  }
+  if (b == nullptr) {
+    view->obj = nullptr;
+    return -1;
+  }
+  void* data = const_cast<vlarl::Header*>(b->header());
+  return PyBuffer_FillInfo(view, self, data, static_cast<Py_ssize_t>(b->size()), /*readonly=*/0, flags);
+}
+
+// A numpy array over the batch's own memory at `offset` (no copy; base = the batch).
+py::object view(const std::shared_ptr<ShmBatch>& b, const FieldDesc& f, size_t offset, bool with_env_dim) {
+  py::tuple shape(f.ndim + (with_env_dim ? 1 : 0));
+  size_t k = 0;
+  if (with_env_dim) shape[k++] = py::int_(b->num_envs());
+  for (int d = 0; d < f.ndim; ++d) shape[k++] = py::int_(f.shape[d]);
+  return np().ndarray(shape, code_dtype(f.dtype), py::cast(b), py::int_(offset));
 }
 
 const FieldDesc& find_field(const ShmBatch& b, const std::string& name) {
@@ -89,25 +151,64 @@ size_t env_index(const ShmBatch& b, int64_t env) {
   return static_cast<size_t>(env);
 }
 
+size_t slot_offset(const ShmBatch& b, const FieldDesc& f, int64_t env) {
+  return static_cast<size_t>(f.offset) + env_index(b, env) * static_cast<size_t>(f.bytes_per_env);
+}
+
+// Copies a 1-D contiguous buffer of native int64 (what numpy int64 arrays export) into `out`;
+// false, with no Python error set, for anything else.
+bool read_int64s(py::handle obj, std::vector<int64_t>* out) {
+  if (!PyObject_CheckBuffer(obj.ptr())) return false;
+  BufferView v;
+  if (PyObject_GetBuffer(obj.ptr(), &v.view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  v.held = true;
+  const char* fmt = v.view.format != nullptr ? v.view.format : "B";
+  if (*fmt == '@') ++fmt;
+  if (v.view.ndim != 1 || v.view.itemsize != 8 || (std::strcmp(fmt, "q") != 0 && std::strcmp(fmt, "l") != 0))
+    return false;
+  const auto* p = static_cast<const int64_t*>(v.view.buf);
+  out->assign(p, p + v.view.len / 8);
+  return true;
+}
+
 // Env ids from any integer sequence or array (one dimension), checked against the batch.
 std::vector<size_t> parse_env_ids(const ShmBatch& b, py::handle ids) {
-  py::array arr = py::module_::import("numpy").attr("asarray")(ids);
-  if (arr.ndim() != 1) throw py::value_error("env_ids must be a 1-D sequence of env indices");
-  const char kind = arr.dtype().kind();
-  if (arr.size() > 0 && kind != 'i' && kind != 'u')
-    throw py::type_error("env_ids must be integers, got dtype " + std::string(py::str(arr.dtype())));
-  auto ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
-  std::vector<size_t> out(static_cast<size_t>(ints.size()));
-  const int64_t* p = ints.data();
-  for (size_t j = 0; j < out.size(); ++j) out[j] = env_index(b, p[j]);
+  std::vector<int64_t> raw;
+  if (!read_int64s(ids, &raw)) {  // int64 arrays, the per-step case, skip the calls into numpy
+    py::object arr = np().asarray(ids);
+    if (arr.attr("ndim").cast<int>() != 1) throw py::value_error("env_ids must be a 1-D sequence of env indices");
+    py::object dt = arr.attr("dtype");
+    const std::string kind = py::str(dt.attr("kind"));
+    if (arr.attr("size").cast<py::ssize_t>() > 0 && kind != "i" && kind != "u")
+      throw py::type_error("env_ids must be integers, got dtype " + std::string(py::str(dt)));
+    if (!read_int64s(np().ascontiguousarray(arr, np().int64), &raw))
+      throw std::runtime_error("numpy.ascontiguousarray(env_ids, int64) did not export a 1-D int64 buffer");
+  }
+  std::vector<size_t> out(raw.size());
+  for (size_t j = 0; j < out.size(); ++j) out[j] = env_index(b, raw[j]);
   return out;
 }
 
-py::array_t<int64_t> id_array(const std::vector<size_t>& ids) {
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(ids.size()));
-  int64_t* p = out.mutable_data();
-  for (size_t j = 0; j < ids.size(); ++j) p[j] = static_cast<int64_t>(ids[j]);
+// A new numpy array of `n` values of `dtype` (a C type of the same size), filled by fill(pointer).
+template <class T, class Fill>
+py::object new_array(size_t n, const py::object& dtype, Fill&& fill) {
+  py::object out = np().empty(py::int_(n), dtype);
+  BufferView v;
+  if (PyObject_GetBuffer(out.ptr(), &v.view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+  v.held = true;
+  if (v.view.len != static_cast<Py_ssize_t>(n * sizeof(T)))
+    throw std::runtime_error("numpy.empty returned a buffer of an unexpected size");
+  fill(static_cast<T*>(v.view.buf));
   return out;
+}
+
+py::object id_array(const std::vector<size_t>& ids) {
+  return new_array<int64_t>(ids.size(), np().int64, [&](int64_t* p) {
+    for (size_t j = 0; j < ids.size(); ++j) p[j] = static_cast<int64_t>(ids[j]);
+  });
 }
 
 std::vector<FieldSpec> parse_fields(const py::dict& fields) {
@@ -120,7 +221,7 @@ std::vector<FieldSpec> parse_fields(const py::dict& fields) {
       throw py::value_error("field '" + fs.name + "': expected (dtype, shape), e.g. ('float32', (7,))");
     auto seq = spec.cast<py::sequence>();
     if (seq.size() != 2) throw py::value_error("field '" + fs.name + "': expected (dtype, shape), e.g. ('float32', (7,))");
-    fs.dtype = dtype_code(py::dtype::from_args(seq[0]));
+    fs.dtype = dtype_code(py::object(seq[0]));
     py::object shape = seq[1];
     if (py::isinstance<py::int_>(shape)) {
       fs.shape.push_back(shape.cast<int64_t>());
@@ -173,6 +274,7 @@ std::string unique_name() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vlarl-fast compiled core: shared-memory batches for the vectorised environment manager";
+  init_numpy();
   m.attr("ALIGNMENT") = vlarl::kAlign;
   m.attr("LAYOUT_VERSION") = vlarl::kLayoutVersion;
   m.def("build_info", []() {
@@ -182,7 +284,11 @@ PYBIND11_MODULE(_C, m) {
       },
       "Compiler, C++ standard, build type and wait mechanism of this extension (a dict of strings)");
 
-  py::class_<ShmBatch, std::shared_ptr<ShmBatch>>(m, "SharedBatch", R"doc(
+  py::class_<ShmBatch, std::shared_ptr<ShmBatch>>(m, "SharedBatch", py::custom_type_setup([](PyHeapTypeObject* t) {
+        t->as_buffer.bf_getbuffer = batch_getbuffer;
+        t->as_buffer.bf_releasebuffer = nullptr;  // the buffer borrows the mapping, which lives as long as the batch
+        t->ht_type.tp_as_buffer = &t->as_buffer;
+      }), R"doc(
 Named shared-memory batch of per-env slots for worker processes.
 
 Every field is an array [num_envs, *shape] of one dtype, starting on a 64-byte boundary; every
@@ -232,29 +338,31 @@ slot, and returns them in the order they reached it.
           }, "{name: (numpy dtype, shape per env)}")
       .def("array", [](const std::shared_ptr<ShmBatch>& b, const std::string& name) {
             const auto& f = find_field(*b, name);
-            return view(b, f, b->field_ptr(f), true);
+            return view(b, f, static_cast<size_t>(f.offset), true);
           }, py::arg("field"), "Zero-copy numpy view [num_envs, *shape] of a field")
       .def("__getitem__", [](const std::shared_ptr<ShmBatch>& b, const std::string& name) {
             const auto& f = find_field(*b, name);
-            return view(b, f, b->field_ptr(f), true);
+            return view(b, f, static_cast<size_t>(f.offset), true);
           }, py::arg("field"))
       .def("slot", [](const std::shared_ptr<ShmBatch>& b, const std::string& name, int64_t env) {
             const auto& f = find_field(*b, name);
-            return view(b, f, b->slot_ptr(f, env_index(*b, env)), false);
+            return view(b, f, slot_offset(*b, f, env), false);
           }, py::arg("field"), py::arg("env"), "Zero-copy numpy view of one env's slot of a field")
       .def("write", [](const std::shared_ptr<ShmBatch>& b, const std::string& name, int64_t env, py::handle value) {
             const auto& f = find_field(*b, name);
-            py::array dst = view(b, f, b->slot_ptr(f, env_index(*b, env)), false);
-            py::module_ np = py::module_::import("numpy");
-            py::array src = np.attr("asarray")(value);
-            std::vector<py::ssize_t> want = env_shape(f), got(src.shape(), src.shape() + src.ndim());
+            py::object dst = view(b, f, slot_offset(*b, f, env), false);
+            py::object src = np().asarray(value);
+            std::vector<py::ssize_t> want = env_shape(f), got;
+            for (auto d : py::tuple(src.attr("shape"))) got.push_back(d.cast<py::ssize_t>());
             if (want != got)
               throw py::value_error("field '" + name + "' holds " + shape_str(want) + " per env, got shape " +
                                     shape_str(got));
-            if (!np.attr("can_cast")(src.dtype(), dst.dtype(), "casting"_a = "same_kind").cast<bool>())
-              throw py::type_error("cannot write " + std::string(py::str(src.dtype())) + " into " +
-                                   std::string(py::str(dst.dtype())) + " field '" + name + "'");
-            np.attr("copyto")(dst, src, "casting"_a = "same_kind");
+            py::object src_dtype = src.attr("dtype");
+            const py::object& dst_dtype = code_dtype(f.dtype);
+            if (!np().can_cast(src_dtype, dst_dtype, **np().same_kind).cast<bool>())
+              throw py::type_error("cannot write " + std::string(py::str(src_dtype)) + " into " +
+                                   std::string(py::str(dst_dtype)) + " field '" + name + "'");
+            np().copyto(dst, src, **np().same_kind);
           }, py::arg("field"), py::arg("env"), py::arg("value"),
           "Copy value into one env's slot; checks its shape exactly and its dtype (same kind, e.g. float64 -> float32)")
       .def("fileno", &ShmBatch::fd, "The batch's file descriptor (this handle owns it), to pass to another process")
@@ -265,16 +373,14 @@ slot, and returns them in the order they reached it.
       .def("stamp", [](const ShmBatch& b, int64_t env) { return b.stamp(env_index(b, env)); }, py::arg("env"),
            "The number of the slot's last state change in the batch's sequence of changes (wraps at 2^32)")
       .def("stamps", [](const ShmBatch& b) {
-            py::array_t<uint32_t> out(static_cast<py::ssize_t>(b.num_envs()));
-            auto* p = out.mutable_data();
-            for (size_t i = 0; i < b.num_envs(); ++i) p[i] = b.stamp(i);
-            return out;
+            return new_array<uint32_t>(b.num_envs(), np().uint32, [&](uint32_t* p) {
+              for (size_t i = 0; i < b.num_envs(); ++i) p[i] = b.stamp(i);
+            });
           }, "A copy of every slot's stamp (uint32)")
       .def("states", [](const ShmBatch& b) {
-            py::array_t<uint32_t> out(static_cast<py::ssize_t>(b.num_envs()));
-            auto* p = out.mutable_data();
-            for (size_t i = 0; i < b.num_envs(); ++i) p[i] = b.state(i);
-            return out;
+            return new_array<uint32_t>(b.num_envs(), np().uint32, [&](uint32_t* p) {
+              for (size_t i = 0; i < b.num_envs(); ++i) p[i] = b.state(i);
+            });
           }, "A copy of every slot's state word (uint32)")
       .def("set_state", [](const ShmBatch& b, int64_t env, uint32_t value) {
             size_t i = env_index(b, env);

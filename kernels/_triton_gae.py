@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from . import _device
+
 try:
     import triton
     import triton.language as tl
@@ -63,5 +65,6 @@ def gae(rewards, values, next_values, terminated, episode_end, gamma: float, lam
     ret = torch.empty_like(adv)
     if T and N:
         block = 16 if interpreting() else BLOCK_N
-        _gae_kernel[(triton.cdiv(N, block),)](*ins, adv, ret, T, N, gamma, gamma * lam, BLOCK_N=block)
+        with _device.launch_on(adv):
+            _gae_kernel[(triton.cdiv(N, block),)](*ins, adv, ret, T, N, gamma, gamma * lam, BLOCK_N=block)
     return adv, ret

@@ -34,6 +34,8 @@ import os
 
 import torch
 
+from . import _device
+
 try:
     import triton
     import triton.language as tl
@@ -172,11 +174,12 @@ def forward(hidden, weight, targets, inv_temp, vs, ve, want_entropy):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m, s, t, zt = (torch.empty(splits, N, **f32) for _ in range(4))
     if N:
-        _fwd_kernel[(row_blocks, splits)](hidden, weight, targets, m, s, t, zt,
-                                          N, H, vs, ve, split_len, inv_temp,
-                                          hidden.stride(0), weight.stride(0),
-                                          WANT_ENT=want_entropy, UPCAST=interpreting(), BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH,
-                                          num_warps=warps)
+        with _device.launch_on(hidden):
+            _fwd_kernel[(row_blocks, splits)](hidden, weight, targets, m, s, t, zt,
+                                              N, H, vs, ve, split_len, inv_temp,
+                                              hidden.stride(0), weight.stride(0),
+                                              WANT_ENT=want_entropy, UPCAST=interpreting(), BLOCK_N=BN, BLOCK_V=BV,
+                                              BLOCK_H=BH, num_warps=warps)
     # merge the splits' online-softmax partials
     M = m.amax(0)
     alpha = torch.exp(m - M)
@@ -207,11 +210,12 @@ def backward(hidden, weight, targets, inv_temp, vs, ve, lse, entropy, g_logp, g_
         dz = torch.empty(N, c1 - c0, dtype=dz_dtype, device=hidden.device)
         if N:
             grid = (triton.cdiv(N, BN), triton.cdiv(c1 - c0, BV))
-            _dlogits_kernel[grid](hidden, weight, targets, lse, a, g_logp, ge, dz,
-                                  N, H, c0, c1, inv_temp,
-                                  hidden.stride(0), weight.stride(0), dz.stride(0),
-                                  HAS_ENT=g_ent is not None, UPCAST=interpreting(), BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH,
-                                  num_warps=warps)
+            with _device.launch_on(hidden):
+                _dlogits_kernel[grid](hidden, weight, targets, lse, a, g_logp, ge, dz,
+                                      N, H, c0, c1, inv_temp,
+                                      hidden.stride(0), weight.stride(0), dz.stride(0),
+                                      HAS_ENT=g_ent is not None, UPCAST=interpreting(), BLOCK_N=BN, BLOCK_V=BV,
+                                      BLOCK_H=BH, num_warps=warps)
         if need_dh:
             dh += (dz @ weight[c0:c1]).float()
         if need_dw:

@@ -51,6 +51,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._device import check_one_device
+
 __all__ = ["action_logprobs", "action_logprobs_reference", "action_logprobs_naive"]
 
 # 16 MiB per fp32 temporary of a chunk body; see the module docstring for the arithmetic.
@@ -83,9 +85,6 @@ def _validate(hidden, weight, targets, temperature, vocab_start, vocab_end, back
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"action_logprobs: unknown backend {backend!r}; use None (pick by device), "
                          "'torch' or 'triton'")
-    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)
-            and isinstance(targets, torch.Tensor)):
-        raise ValueError("action_logprobs: hidden, weight and targets must be torch tensors")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"action_logprobs: hidden must be [N, H] and weight [V, H] with the same H; got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)} (flatten batch/time dims of "
@@ -101,9 +100,6 @@ def _validate(hidden, weight, targets, temperature, vocab_start, vocab_end, back
     if hidden.dtype != weight.dtype:
         raise ValueError(f"action_logprobs: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a "
                          "dtype; cast one with .to(other.dtype)")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(f"action_logprobs: hidden, weight and targets must be on one device; got "
-                         f"{hidden.device}, {weight.device}, {targets.device}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"action_logprobs: temperature must be a finite number > 0; got {temperature!r}")
     V = weight.shape[0]
@@ -252,9 +248,14 @@ def action_logprobs(hidden, weight, targets, *, temperature: float = 1.0, vocab_
 
     ``backend``: None picks Triton for CUDA tensors and the chunked torch path otherwise;
     "torch" / "triton" force one (Triton on CPU tensors needs ``TRITON_INTERPRET=1``).
+    Triton kernels run on the inputs' device, whichever CUDA device is current.
     Raises ValueError on mismatched shapes/dtypes/devices, targets outside the slice, a
     non-positive temperature, and non-finite inputs (detected through the outputs).
     """
+    if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets)):
+        raise ValueError("action_logprobs: hidden, weight and targets must be torch tensors")
+    # before anything reads hidden's device (autocast state exists only for real device types)
+    check_one_device("action_logprobs", hidden=hidden, weight=weight, targets=targets)
     if torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != weight.dtype:
         # under autocast the LM hands back hidden in the autocast dtype while the head's weight stays the
         # float32 master copy; the log-softmax wants one dtype and float32 accumulation anyway

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import torch
 
+from ._device import check_one_device
+
 __all__ = ["gae", "gae_reference", "gae_stepwise"]
 
 _BLOCK = 16
@@ -57,9 +59,8 @@ def _check(rewards, values, next_values, terminated, episode_end):
         if t.shape != shape:
             raise ValueError(f"gae: {name} has shape {tuple(t.shape)} but rewards has {tuple(shape)}; "
                              "all inputs must be [T, N]")
-        if t.device != rewards.device:
-            raise ValueError(f"gae: {name} is on {t.device} but rewards on {rewards.device}; move all inputs "
-                             "to one device")
+    check_one_device("gae", rewards=rewards, values=values, next_values=next_values, terminated=terminated,
+                     episode_end=episode_end)
     for name, t in (("rewards", rewards), ("values", values), ("next_values", next_values)):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"gae: {name} contains NaN or inf; find where it enters the rollout (a diverged "
@@ -140,7 +141,8 @@ def gae(rewards, values, next_values, terminated, episode_end, gamma: float, lam
     """GAE; returns (advantages, returns) as float32 [T, N] on the inputs' device.
 
     ``backend``: None picks the Triton kernel for CUDA tensors and the parallel scan otherwise;
-    "torch" / "triton" force one (Triton on CPU tensors needs ``TRITON_INTERPRET=1``)."""
+    "torch" / "triton" force one (Triton on CPU tensors needs ``TRITON_INTERPRET=1``). The Triton kernel
+    runs on the inputs' device, whichever CUDA device is current."""
     if backend not in (None, "torch", "triton"):
         raise ValueError(f"gae: unknown backend {backend!r}; use None (pick by device), 'torch' or 'triton'")
     _check(rewards, values, next_values, terminated, episode_end)

@@ -358,6 +358,207 @@ def test_build_info():
         assert info["wait"] == "futex"
 
 
+DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32",
+          "float64"]
+# 0-d, 1-d and odd multi-dimensional slots (4 dimensions is the most a field may have)
+ODD_SHAPES = {"scalar": (), "one": (1,), "vec": (7,), "odd": (3, 1, 5), "four": (2, 3, 1, 3)}
+
+
+def _values(dtype, shape, rng):
+    """Values that use the whole range of dtype: a wrong itemsize, offset or byte order shows up."""
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        return rng.random(shape) < 0.5
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        v = rng.integers(info.min, info.max, size=shape, dtype=dt, endpoint=True)
+        if v.size >= 2:
+            v.flat[0], v.flat[-1] = info.min, info.max
+        return v
+    return (rng.standard_normal(shape) * 1e3).astype(dt)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_dtype_round_trips_between_handles(dtype):
+    """Create, attach by name and by descriptor, and view a batch of each supported dtype: exact dtypes
+    and shapes, values written through one handle read back through the others, views zero-copy."""
+    from vlarl_fast._C import SharedBatch
+    rng = np.random.default_rng(DTYPES.index(dtype))
+    dt = np.dtype(dtype)
+    num_envs = 3
+    fields = {k: (dtype, shape) for k, shape in ODD_SHAPES.items()}
+    fields["pad"] = ("uint8", (5,))      # a field of another dtype between them
+    with SharedBatch.create(_name(), num_envs, fields) as owner:
+        by_name = SharedBatch.attach(owner.name)
+        by_fd = SharedBatch.attach_fd(owner.fileno())
+        handles = (owner, by_name, by_fd)
+        for h in handles:
+            assert h.fields == {k: (np.dtype(d), tuple(s)) for k, (d, s) in fields.items()}
+            for k, shape in ODD_SHAPES.items():
+                full, slot = h.array(k), h.slot(k, 1)
+                assert full.dtype == dt and full.dtype.isnative and full.shape == (num_envs, *shape)
+                assert slot.dtype == dt and slot.shape == shape
+                assert full.flags.writeable and full.flags.c_contiguous and slot.flags.writeable
+                assert full.base is h and slot.base is h
+                assert slot.ctypes.data == full[1, ...].ctypes.data and np.shares_memory(slot, full)
+        for k, shape in ODD_SHAPES.items():
+            expect = np.stack([_values(dtype, shape, rng) for _ in range(num_envs)])
+            for env in range(num_envs):            # each env written through a different handle
+                handles[env].write(k, env, expect[env])
+            for h in handles:
+                np.testing.assert_array_equal(h.array(k), expect)
+                for env in range(num_envs):
+                    np.testing.assert_array_equal(h.slot(k, env), expect[env])
+                    np.testing.assert_array_equal(h[k][env], expect[env])
+            # a write through a view shows in another handle's view: the same memory, no copies
+            new = _values(dtype, shape, rng)
+            by_fd.slot(k, 2)[...] = new
+            np.testing.assert_array_equal(owner.array(k)[2], new)
+            np.testing.assert_array_equal(by_name.slot(k, 2), new)
+            owner.array(k)[0] = expect[1]
+            np.testing.assert_array_equal(by_fd.slot(k, 0), expect[1])
+        assert (owner.array("pad") == 0).all()      # the neighbours' writes stayed in their fields
+        scalar = by_name.slot("scalar", 0)
+        assert scalar.shape == () and scalar.ndim == 0
+        scalar[...] = _values(dtype, (), rng)
+        assert owner.array("scalar")[0] == scalar[()]
+        by_name.close()
+        by_fd.close()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["bool", "uint16", "float64"])
+def test_views_outlive_the_batch_object_and_keep_it_alive(dtype):
+    import gc
+
+    from vlarl_fast._C import SharedBatch
+    name = _name()
+    b = SharedBatch.create(name, 2, {"x": (dtype, (3, 2)), "s": (dtype, ())})
+    full, slot, scalar = b.array("x"), b.slot("x", 1), b.slot("s", 0)
+    part = full[1:, ::2]                              # a view of a view: still rooted in the batch
+    values = _values(dtype, (2, 3, 2), np.random.default_rng(1))
+    full[...] = values
+    del b
+    gc.collect()
+    assert _shm_exists(name)                          # the views hold the batch: not destroyed, not unlinked
+    np.testing.assert_array_equal(slot, values[1])
+    slot[0] = values[0, 0]
+    np.testing.assert_array_equal(full[1, 0], values[0, 0])
+    np.testing.assert_array_equal(part, full[1:, ::2])
+    scalar[...] = values.flat[0]
+    assert scalar.dtype == np.dtype(dtype) and scalar.shape == ()
+    del full, slot
+    gc.collect()
+    assert _shm_exists(name)                          # `part` and `scalar` still hold it
+    del part, scalar
+    gc.collect()
+    assert not _shm_exists(name)                      # the last view gone: the batch is destroyed
+
+
+@needs_ext
+@pytest.mark.parametrize("spec", [
+    *[np.dtype(d).newbyteorder().str for d in DTYPES if np.dtype(d).itemsize > 1],   # non-native byte order
+    [("a", "f4")], [("a", "u1"), ("b", "i8")], np.dtype([("a", "f4")]),          # structured
+    ("f4", (2,)), "complex64", "complex128", "U4", "S3", "O", "M8[s]", "m8[s]", "V8", "longdouble",
+])
+def test_unsupported_dtypes_are_rejected(spec):
+    from vlarl_fast._C import SharedBatch
+    with pytest.raises(TypeError, match=r"unsupported dtype .*; use one of bool, int8"):
+        SharedBatch.create(_name(), 2, {"x": (spec, (2,))})
+
+
+@needs_ext
+@pytest.mark.parametrize("spec,expect", [("?", "bool"), (np.float32, "float32"), (bool, "bool"), (int, "int64"),
+                                         (float, "float64"), ("=u2", "uint16"), ("<f8", "float64"),
+                                         ("i1", "int8"), ("q", "int64"), (np.dtype("H"), "uint16")])
+def test_dtype_specs_numpy_accepts(spec, expect):
+    from vlarl_fast._C import SharedBatch
+    if np.dtype(spec) != np.dtype(expect):                  # e.g. `int` on a platform with a 32-bit long
+        pytest.skip(f"{spec!r} is {np.dtype(spec)} here")
+    with SharedBatch.create(None, 2, {"x": (spec, (2,))}) as b:
+        assert b.array("x").dtype == np.dtype(expect) and b.fields["x"][0] == np.dtype(expect)
+
+
+@needs_ext
+def test_env_ids_of_any_integer_kind_and_layout():
+    from vlarl_fast._C import SharedBatch
+    with SharedBatch.create(None, 6, {"x": ("float32", ())}) as b:
+        cases = [[4, 1], (4, 1), range(4, 0, -3), np.array([4, 1], np.int64), np.array([4, 9, 1], np.int64)[::2],
+                 np.array([4, 1], ">i8"), np.array([4, 1], "<i8"), *[np.array([4, 1], d) for d in DTYPES[1:9]],
+                 memoryview(np.array([4, 1], np.int64))]
+        for ids in cases:
+            b.set_states(range(6), FREE)
+            b.set_states(ids, READY)
+            assert b.states().tolist() == [0, READY, 0, 0, READY, 0], ids
+            got = b.wait_slots(ids, READY, timeout=0)
+            assert sorted(got.tolist()) == [1, 4] and got.dtype == np.int64, ids
+        b.set_states([], READY)
+        assert b.wait_slots(np.array([], np.int64), READY).tolist() == []
+        for bad in (np.array([0, 1], np.float64), np.array([True]), ["a"], [1.0]):
+            with pytest.raises(TypeError, match="env_ids must be integers"):
+                b.set_states(bad, READY)
+        for bad in (np.zeros((2, 1), np.int64), np.int64(1), 3, b"\x00\x01"):
+            with pytest.raises(ValueError, match="1-D"):
+                b.wait_slots(bad, READY)
+        with pytest.raises(IndexError, match="env -1 out of range"):
+            b.set_states(np.array([-1], np.int64), READY)
+        with pytest.raises(IndexError, match="env 6 out of range"):
+            b.set_states(np.array([6], np.uint8), READY)
+
+
+@needs_ext
+def test_copies_are_fresh_numpy_arrays():
+    from vlarl_fast._C import SharedBatch
+    with SharedBatch.create(None, 5, {"x": ("float32", ())}) as b:
+        b.set_states([3, 0], READY)
+        for arr, dtype in ((b.states(), np.uint32), (b.stamps(), np.uint32), (b.wait_slots([3, 0], READY), np.int64)):
+            assert type(arr) is np.ndarray and arr.dtype == dtype and arr.flags.writeable and arr.flags.owndata
+        assert b.states().tolist() == [READY, 0, 0, READY, 0] and b.stamps().tolist() == [1, 0, 0, 0, 0]
+        assert b.wait_slots([3, 0], READY).tolist() == [3, 0]
+        s = b.states()
+        s[:] = 7                                     # a copy: the batch is untouched
+        assert b.state(0) == READY
+    with pytest.raises(RuntimeError, match="closed"):
+        b.states()
+
+
+@needs_ext
+def test_batch_exports_its_memory_through_the_buffer_protocol():
+    from vlarl_fast._C import SharedBatch
+    b = SharedBatch.create(None, 2, {"x": ("uint16", (3,))})
+    m = memoryview(b)
+    assert m.nbytes == b.nbytes and m.format == "B" and not m.readonly and m.obj is b
+    x = b.array("x")
+    x[1] = [1, 2, 3]
+    off = x.ctypes.data - np.frombuffer(m, np.uint8).ctypes.data
+    np.testing.assert_array_equal(np.frombuffer(m, np.uint16, count=6, offset=off).reshape(2, 3), x)
+    m.release()
+    b.close()
+    with pytest.raises(BufferError, match="closed"):
+        memoryview(b)
+    with pytest.raises(BufferError, match="closed"):
+        np.frombuffer(b, np.uint8)
+    x[0] = 9                                         # views taken before close stay valid
+    assert x[0].tolist() == [9, 9, 9]
+
+
+@needs_ext
+def test_extension_does_not_use_numpys_c_api():
+    """The extension reaches numpy only through its Python API and the buffer protocol: numpy's C structs
+    change layout between releases, so an extension compiled against one numpy would crash under another.
+    An extension built on numpy's C API (through pybind11's numpy header) imports numpy's _ARRAY_API table."""
+    from vlarl_fast import _C
+    binary = Path(_C.__file__).read_bytes()
+    assert b"_ARRAY_API" not in binary and b"multiarray" not in binary
+    source = CSRC / "bindings.cpp"
+    if source.exists():
+        import re
+        text = source.read_text()
+        assert not re.search(r'#\s*include\s*[<"]pybind11/numpy\.h', text)
+        assert not re.search(r"\bpy::(array|array_t|dtype)\b", text)
+
+
 def test_pure_python_fallback_is_honest():
     code = ("import vlarl_fast._ext as e, vlarl_fast.info as i; assert not e.EXT_AVAILABLE; "
             "print(e.EXT_ERROR); print(i.format_info(i.collect_info()))")

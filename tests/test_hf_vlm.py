@@ -123,10 +123,12 @@ def test_gradient_step_and_checkpoint_round_trip(kind, tmp_path):
     assert any("language_model" in n for n in grads) and any("vision_tower" in n for n in grads)
     model.eval()
 
+    policy.action_convention = "libero-openvla"   # recorded among the settings, so the reloaded policy acts alike
     save_policy(policy, tmp_path / "ckpt")
     assert is_hf_vlm_checkpoint(tmp_path / "ckpt")
     loaded = load_policy(tmp_path / "ckpt")
     assert isinstance(loaded.model, HFVLAModel) and loaded.norm_stats.q99 == [0.5] * 7
+    assert loaded.action_convention == "libero-openvla"
     with torch.no_grad():
         a = policy.evaluate_actions(policy.encode_images(imgs), None, ids, mask, out.tokens)
         b = loaded.evaluate_actions(loaded.encode_images(imgs), None, *loaded.encode_prompts(instr), out.tokens)

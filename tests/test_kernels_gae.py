@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from _launch_spy import LaunchSpy, recording_guard
 from _triton_child import run_triton_tests_under_interpreter
 
 from vlarl_fast.kernels import gae, gae_reference, gae_stepwise
@@ -126,6 +127,15 @@ def test_bad_shapes_and_nan():
         gae(a, a, a, a, a, 0.99, 0.95, backend="numba")
 
 
+@pytest.mark.parametrize("odd", ["rewards", "values", "episode_end"])
+def test_inputs_on_two_devices_are_named_with_their_devices(odd):
+    # 'meta' stands in for a second device on a CPU-only machine: the check must come before any math
+    names = ["rewards", "values", "next_values", "terminated", "episode_end"]
+    args = [torch.zeros(4, 2, device="meta" if n == odd else "cpu") for n in names]
+    with pytest.raises(ValueError, match=rf"one device; got .*{odd} on meta.*\.to\(rewards\.device\)"):
+        gae(*args, 0.99, 0.95)
+
+
 # ---- Triton kernel -------------------------------------------------------------------------
 @pytest.fixture
 def triton_device():
@@ -152,6 +162,44 @@ def test_triton_gae_default_backend_and_bool_flags(triton_device):
     _assert_matches_reference(tuple(args), 0.99, 0.95, backend=backend)
 
 
+def test_triton_gae_launches_inside_its_device_guard(triton_device, monkeypatch):
+    import vlarl_fast.kernels._triton_gae as tk
+    open_guards = recording_guard(monkeypatch)
+    spy = LaunchSpy(tk._gae_kernel, probe=lambda: list(open_guards))
+    monkeypatch.setattr(tk, "_gae_kernel", spy)
+    args = _case(9, 3, seed=2, device=triton_device)
+    _assert_matches_reference(args, 0.99, 0.95, backend="triton")
+    assert spy.seen == [[args[0].device]] and open_guards == []
+
+
 def test_triton_gae_under_interpreter():
     """Runs this file's Triton tests in a child pytest with TRITON_INTERPRET=1 (CPU machines)."""
     run_triton_tests_under_interpreter(__file__, "triton_gae")
+
+
+# ---- devices (GPU machines) ----------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gae_runs_on_its_tensors_gpu_not_the_current_one(monkeypatch):
+    """Tensors on the last GPU while cuda:0 is current (one GPU: both are cuda:0)."""
+    import vlarl_fast.kernels._triton_gae as tk
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    spy = LaunchSpy(tk._gae_kernel, probe=torch.cuda.current_device)
+    monkeypatch.setattr(tk, "_gae_kernel", spy)
+    with torch.cuda.device(0):
+        args = _case(40, 37, seed=4, device=dev)
+        _assert_matches_reference(args, 0.99, 0.95, backend=None)
+        assert torch.cuda.current_device() == 0
+    assert spy.seen == [dev.index]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("index", range(torch.cuda.device_count()))
+def test_gae_results_stay_on_the_inputs_gpu(index):
+    dev = torch.device("cuda", index)
+    adv, ret = gae(*_case(5, 3, seed=index, device=dev), 0.9, 0.8)
+    assert adv.device == ret.device == dev

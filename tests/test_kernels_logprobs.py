@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _launch_spy import LaunchSpy, recording_guard
 from _triton_child import run_triton_tests_under_interpreter
 
 from vlarl_fast.kernels import action_logprobs
@@ -177,6 +178,17 @@ def test_bad_input_names_the_fix():
         action_logprobs(hidden, weight, targets, backend="cuda")
 
 
+@pytest.mark.parametrize("odd", ["hidden", "weight", "targets"])
+def test_inputs_on_two_devices_are_named_with_their_devices(odd):
+    # 'meta' stands in for a second device on a CPU-only machine; hidden on it must not reach the
+    # autocast query (which knows only real device types) before the check
+    hidden, weight, targets, _, _ = _case(4, 8, 20, torch.float32, seed=1)
+    args = {"hidden": hidden, "weight": weight, "targets": targets}
+    args[odd] = args[odd].to("meta")
+    with pytest.raises(ValueError, match=rf"one device; got .*{odd} on meta.*\.to\(hidden\.device\)"):
+        action_logprobs(**args)
+
+
 def test_non_finite_inputs_are_reported():
     hidden, weight, targets, _, _ = _case(4, 8, 20, torch.float32, seed=2)
     bad = hidden.clone()
@@ -247,6 +259,19 @@ def test_triton_path_strided_targets(triton_device):
                                reference(hidden, weight, targets)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_triton_path_launches_inside_its_device_guard(triton_device, monkeypatch):
+    import vlarl_fast.kernels._triton_logprobs as tk
+    open_guards = recording_guard(monkeypatch)
+    spies = {}
+    for name in ("_fwd_kernel", "_dlogits_kernel"):
+        spies[name] = LaunchSpy(getattr(tk, name), probe=lambda: list(open_guards))
+        monkeypatch.setattr(tk, name, spies[name])
+    _check_against_reference(5, 16, 20, torch.float32, 0, None, 1.0, backend="triton", device=triton_device)
+    dev = torch.device(triton_device) if triton_device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    assert spies["_fwd_kernel"].seen == [[dev]] and spies["_dlogits_kernel"].seen == [[dev]]
+    assert open_guards == []
+
+
 def test_triton_path_reports_non_finite(triton_device):
     hidden, weight, targets, _, _ = _case(4, 16, 20, torch.float32, seed=4, device=triton_device)
     hidden[1, 3] = float("nan")
@@ -289,3 +314,36 @@ def test_action_logprobs_under_autocast_computes_in_float32(n, h, vs, ve):
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(weight.grad, w32.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---- devices (GPU machines) ----------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_action_logprobs_runs_on_its_tensors_gpu_not_the_current_one(monkeypatch):
+    """Forward and backward on the last GPU while cuda:0 is current (one GPU: both are cuda:0)."""
+    import vlarl_fast.kernels._triton_logprobs as tk
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    spies = {}
+    for name in ("_fwd_kernel", "_dlogits_kernel"):
+        spies[name] = LaunchSpy(getattr(tk, name), probe=torch.cuda.current_device)
+        monkeypatch.setattr(tk, name, spies[name])
+    with torch.cuda.device(0):
+        for dtype in (torch.float32, torch.bfloat16):
+            _check_against_reference(37, 24, 53, dtype, 10, 45, 0.7, backend=None, device=dev)
+        assert torch.cuda.current_device() == 0
+    assert spies["_fwd_kernel"].seen == spies["_dlogits_kernel"].seen == [dev.index] * 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("index", range(torch.cuda.device_count()))
+def test_action_logprobs_results_stay_on_the_inputs_gpu(index):
+    dev = torch.device("cuda", index)
+    hidden, weight, targets, _, _ = _case(6, 16, 40, torch.float32, seed=index, device=dev)
+    h = hidden.requires_grad_()
+    logp, ent = action_logprobs(h, weight, targets, return_entropy=True)
+    logp.sum().backward()
+    assert logp.device == ent.device == h.grad.device == dev

@@ -176,6 +176,21 @@ def test_features_and_logits_match_a_reference_on_the_checkpoint_tensors(written
         torch.testing.assert_close(model(ids, pixel_values=pixel_values).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_tower_blocks_get_only_the_hidden_states_positionally():
+    """transformers 5.0-5.17's DINOv2 block is ``forward(hidden_states)`` and SigLIP's requires
+    ``attention_mask`` by name: here every block gets exactly that signature, keyword extras only."""
+    model = _random_model(seed=4)
+    pv = torch.randn(2, 6, 28, 28)
+    with torch.no_grad():
+        want = model.encode_images(pv)
+    backbone = model.vision_backbone
+    for tower in (backbone.featurizer.encoder.layer, backbone.fused_featurizer.encoder.layers):
+        for layer in tower:
+            layer.forward = (lambda f: lambda hidden_states, **kwargs: f(hidden_states, **kwargs))(layer.forward)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(pv), want, rtol=0, atol=0)
+
+
 def test_image_processor_normalises_each_tower_and_explains_bad_images():
     proc = ImageProcessor.from_config(OpenVLAConfig.tiny(image_size=28))
     img = np.random.default_rng(1).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)

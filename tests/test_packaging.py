@@ -55,14 +55,46 @@ def test_torchvision_mismatch_is_explained(monkeypatch):
     assert msg and "pip uninstall -y torchvision" in msg
 
 
+_TOP_LEVEL_KERNELS = """
+import importlib.metadata as md, importlib.util, json, os
+spec = importlib.util.find_spec("kernels")
+print(json.dumps({"origin": spec.origin if spec else None,
+                  "dists": md.packages_distributions().get("kernels", [])}))
+"""
+
+
+def top_level_kernels_problem(origin, dists, ours_dir, editable) -> str | None:
+    """Why a top-level ``kernels`` module is ours (a packaging bug), or None. Another distribution's
+    ``kernels`` (transformers >= 5.25 depends on Hugging Face's) is fine: ours lives in vlarl_fast.kernels."""
+    if origin is None:
+        return None
+    here = os.path.realpath(os.path.dirname(origin))
+    if here == os.path.realpath(ours_dir) and not editable:  # an editable install maps from the checkout
+        return f"this package's kernels/ is importable as a top-level module from {here}"
+    if "vlarl-fast" in dists:
+        return "the vlarl-fast distribution installs a top-level `kernels` package"
+    return None
+
+
+def test_top_level_kernels_problem_rules():
+    ours = os.path.join("site", "vlarl_fast", "kernels")
+    assert top_level_kernels_problem(None, [], ours, False) is None
+    assert top_level_kernels_problem(os.path.join("site", "kernels", "__init__.py"), ["kernels"], ours, False) is None
+    assert "importable" in top_level_kernels_problem(os.path.join(ours, "__init__.py"), [], ours, False)
+    assert "installs" in top_level_kernels_problem(os.path.join("x", "kernels", "__init__.py"), ["vlarl-fast"],
+                                                   ours, False)
+
+
 def test_kernels_install_inside_the_package():
     import vlarl_fast.kernels as k
     assert callable(k.gae) and callable(k.action_logprobs)
     assert os.path.basename(os.path.dirname(k.__file__)) == "kernels"
-    if not _editable():  # an editable install puts the checkout on sys.path, exposing kernels/ there
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        r = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, cwd="/", env=env)
-        assert r.returncode != 0, "kernels must not be importable as a top-level module"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", _TOP_LEVEL_KERNELS], capture_output=True, text=True, cwd="/", env=env,
+                       check=True)
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    problem = top_level_kernels_problem(found["origin"], found["dists"], os.path.dirname(k.__file__), _editable())
+    assert problem is None, problem
 
 
 def test_installed_files_map_kernels_into_the_package():
@@ -111,3 +143,37 @@ def test_wheel_contents(tmp_path):
     assert "vlarl_fast/kernels/__init__.py" in names and "vlarl_fast/kernels/gae.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.startswith("vlarl_fast/_C") for n in names)
+
+
+def test_version_warnings_name_the_fix():
+    from vlarl_fast.versions import version_warnings
+    floors = {"torch": "2.11", "numpy": "1.26.4", "transformers": "5.0.0"}
+    msgs = version_warnings({"torch": "2.10.0+cu128", "numpy": "1.26.4", "transformers": "99.1.0",
+                             "mujoco": None}, floors)
+    assert len(msgs) == 2
+    assert "torch 2.10.0+cu128 is older" in msgs[0] and "pip install 'torch>=2.11'" in msgs[0]
+    assert "transformers 99.1.0 is newer" in msgs[1]
+    assert version_warnings({"torch": "2.13.0+cpu", "numpy": "2.4.6"}, floors) == []
+
+
+def test_declared_floors_match_pyproject():
+    """`vlarl-fast info` reads the floors from the installed metadata; they are pyproject.toml's."""
+    import re
+    from pathlib import Path
+
+    from vlarl_fast.versions import FALLBACK_FLOORS, NEWEST_TESTED, declared_floors
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("no pyproject.toml beside the tests")
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    want = {}
+    for d in deps:
+        m = re.match(r"([a-z0-9_-]+)\s*>=\s*([0-9.]+)", d)
+        if m and m.group(1) in NEWEST_TESTED:
+            want[m.group(1)] = m.group(2)
+    assert set(want) == set(NEWEST_TESTED), "every core dependency declares a tested floor"
+    assert FALLBACK_FLOORS == want
+    if _editable():
+        pytest.skip("editable install: its metadata is as old as the last `pip install -e .`")
+    assert declared_floors() == want

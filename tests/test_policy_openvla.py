@@ -98,10 +98,12 @@ def test_load_policy_routes_openvla_checkpoints(ckpt, tmp_path):
     assert policy.action_tokenizer.vocab_size == 640 and policy.model.value_head is not None
     out = policy.act(_images(3), None, [INSTR[0], INSTR[1], INSTR[0]], greedy=True)
     assert torch.equal(out.values, torch.zeros(3))  # a fresh critic
-    # un-normalised with libero_goal's q01/q99 = 0/2 (the gripper passes through)
+    # un-normalised with libero_goal's q01/q99 = 0/2; the gripper (not normalised) in OpenVLA's LIBERO convention,
+    # 0 = close and 1 = open, becomes LIBERO's +1 / -1
+    assert policy.action_convention == "libero-openvla"
     norm = policy.action_tokenizer.decode(out.tokens.numpy())
     np.testing.assert_allclose(out.actions[:, :6], (norm[:, :6] + 1.0), atol=1e-6)
-    np.testing.assert_allclose(out.actions[:, 6], norm[:, 6], atol=1e-6)
+    np.testing.assert_array_equal(out.actions[:, 6], -np.sign(2.0 * norm[:, 6] - 1.0))
     assert torch.equal(policy.model.lm_head_weight, model.lm_head_weight)
 
     # save_policy writes OpenVLA's layout again, with the trained critic beside it
@@ -112,9 +114,10 @@ def test_load_policy_routes_openvla_checkpoints(ckpt, tmp_path):
     assert cfg["model_type"] == "openvla" and cfg["vlarl_extra"] == {"stage": "rl"}
     assert sorted(json.loads((tmp_path / "again" / "dataset_statistics.json").read_text())) == ["libero_goal"]
     again = load_policy(tmp_path / "again")
-    assert again.unnorm_key == "libero_goal"
+    assert again.unnorm_key == "libero_goal" and again.action_convention == "libero-openvla"
     b = again.act(_images(3), None, [INSTR[0], INSTR[1], INSTR[0]], greedy=True)
     assert torch.equal(b.tokens, out.tokens)
+    np.testing.assert_array_equal(b.actions, out.actions)
     torch.testing.assert_close(b.values, torch.full((3,), 0.25))
     # the value head stays out of OpenVLA's own tensors, in a file of its own
     assert not any("value" in k for k in load_file(str(tmp_path / "again" / "model.safetensors")))

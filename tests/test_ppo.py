@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,106 @@ def test_lora_trains_only_adapters_and_critic():
     assert any("lora_A" in n for n in trainable) and any(n.startswith("value_head") for n in trainable)
     assert all("lora_" in n or n.startswith("value_head") for n in trainable)
     assert sum("lora_A" in n for n in trainable) == 2 * 2
+
+
+# ---- where GAE runs ------------------------------------------------------------------------
+class _CountEnv:
+    """A scripted env in gymnasium's API (no physics): reward = step index, terminates at step 3 of
+    env 0's episodes, truncates at step 2 elsewhere, so a rollout holds both kinds of episode end."""
+
+    def __init__(self, i: int):
+        from gymnasium import spaces
+        self.i = i
+        self.observation_space = spaces.Dict({
+            "image": spaces.Box(0, 255, (32, 32, 3), dtype=np.uint8),
+            "state": spaces.Box(-np.inf, np.inf, (8,), dtype=np.float32)})
+        self.action_space = spaces.Box(-1.0, 1.0, (7,), dtype=np.float32)
+        self.t = 0
+
+    def _obs(self):
+        return {"image": np.full((32, 32, 3), 10 * self.t + self.i, np.uint8),
+                "state": np.full(8, self.t, np.float32)}
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return self._obs(), {"instruction": GAE_INSTR[self.i % 2], "task_id": f"count/{self.i % 2}",
+                             "init_state": 0}
+
+    def step(self, action):
+        self.t += 1
+        term = self.i == 0 and self.t == 3
+        trunc = not term and self.t == 2 and self.i != 0
+        return self._obs(), float(self.t), term, trunc, {"success": term}
+
+    def close(self):
+        pass
+
+
+GAE_INSTR = ["reach the red cube", "push it"]
+
+
+def _gae_spy_run(device: str, monkeypatch) -> tuple[list, object]:
+    """Two PPO iterations (critic warm-up, then a full update) of a tiny policy on ``device``, with
+    ``kernels.gae`` as the trainer calls it recorded."""
+    from vlarl_fast.config import PPOConfig
+    from vlarl_fast.envs import VectorEnv
+    from vlarl_fast.policy.checkpoint import make_policy
+    from vlarl_fast.rl import trainer as trainer_mod
+    calls = []
+    real = trainer_mod.gae
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(([a.device for a in args[:5]], [o.device for o in out]))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "gae", spy)
+    pol = make_policy("tiny", instructions=GAE_INSTR, image_size=32, seed=0, hidden_size=32, num_layers=2,
+                      value_hidden=16, device=device)
+    cfg = PPOConfig(num_steps=4, minibatch_size=6, update_epochs=1, critic_warmup=1, train_layers=1,
+                    target_kl=None, curriculum=False, norm_adv_per_task=True)
+    envs = VectorEnv([lambda i=i: _CountEnv(i) for i in range(3)], backend="inprocess")
+    try:
+        tr = trainer_mod.PPOTrainer(pol, envs, cfg, seed=0)
+        stats = [tr.train_iteration() for _ in range(2)]
+    finally:
+        envs.close()
+    assert stats[0].critic_only and not stats[1].critic_only
+    assert all(np.isfinite(s.v_loss) for s in stats) and np.isfinite(stats[1].pg_loss)
+    return calls, tr
+
+
+def test_trainer_gae_runs_on_the_policy_device(monkeypatch):
+    calls, tr = _gae_spy_run("cpu", monkeypatch)
+    dev = tr.policy.device
+    assert len(calls) == 2
+    assert all(d == dev for ins, outs in calls for d in ins + outs)
+
+
+def test_rollout_buffer_keeps_the_gae_inputs_on_its_device():
+    from vlarl_fast.rl.buffer import RolloutBuffer
+    buf = RolloutBuffer(3, 2, device="meta")   # 'meta' stands in for an accelerator on a CPU machine
+    for name in ("values", "next_values", "rewards", "terminated", "episode_end"):
+        t = getattr(buf, name)
+        assert t.device.type == "meta" and t.shape == (3, 2) and t.dtype == torch.float32, name
+    # what the update re-runs the forward on stays in host memory
+    assert buf.tokens.device.type == buf.logprobs.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_gae_runs_its_triton_kernel_on_the_gpu(monkeypatch):
+    import vlarl_fast.kernels._triton_gae as tk
+    launches = []
+    real_kernel = tk._gae_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_kernel[grid]
+
+    monkeypatch.setattr(tk, "_gae_kernel", Spy())
+    calls, tr = _gae_spy_run("cuda", monkeypatch)
+    assert len(calls) == 2 and len(launches) == 2
+    assert all(d.type == "cuda" for ins, outs in calls for d in ins + outs)
+    assert tr.buffer.rewards.is_cuda and tr.buffer.values.is_cuda

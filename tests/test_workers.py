@@ -71,7 +71,7 @@ def _compare(pv, iv, steps, seed):
 @pytest.mark.parametrize("num_workers,dispatch", [(3, "batched"), (3, "one_by_one"), (2, "batched"), (1, "batched")])
 def test_alignment_with_inprocess_through_autoresets(num_workers, dispatch):
     fns = _fns(3, max_episode_steps=12)
-    with VectorEnv(fns, backend="process", num_workers=num_workers) as pv, VectorEnv(fns) as iv:
+    with VectorEnv(fns, backend="process", num_workers=num_workers) as pv, VectorEnv(fns, backend="inprocess") as iv:
         assert pv.num_workers == num_workers and len(pv.worker_pids) == num_workers
         if dispatch == "one_by_one":  # the readable dispatch path beside the batched one
             pv._start_steps = pv._start_steps_one_by_one
@@ -92,13 +92,14 @@ def test_alignment_with_reset_options_and_manual_resets(num_workers):
     fns = _fns(2, max_episode_steps=7)
     with VectorEnv(fns, backend="process", num_workers=num_workers,
                    reset_options=opts(np.random.default_rng(1))) as pv, \
-            VectorEnv(fns, reset_options=opts(np.random.default_rng(1))) as iv:
+            VectorEnv(fns, backend="inprocess", reset_options=opts(np.random.default_rng(1))) as iv:
         assert _compare(pv, iv, 20, seed=9) >= 4
         _same(pv.reset_env(1, seed=3, options={"init_state": 2}), iv.reset_env(1, seed=3, options={"init_state": 2}),
               "reset_env")
         assert pv.init_states[1] == 2
     # no auto-reset: the episode's last observation stays (evaluate.py's use)
-    with VectorEnv(fns, backend="process", autoreset=False) as pv, VectorEnv(fns, autoreset=False) as iv:
+    with VectorEnv(fns, backend="process", autoreset=False) as pv, \
+            VectorEnv(fns, backend="inprocess", autoreset=False) as iv:
         for v in (pv, iv):
             v.reset(seed=0)
         a = np.zeros((2, 7), np.float32)
@@ -197,7 +198,7 @@ def test_envs_move_to_balance_measured_costs_and_their_episodes_go_on_unchanged(
         return (lambda i: {"init_state": int(rng.integers(4))}) if with_options else None
     fns = _uneven_fns(4)
     with VectorEnv(fns, backend="process", num_workers=2, reset_options=opts(np.random.default_rng(3))) as pv, \
-            VectorEnv(fns, reset_options=opts(np.random.default_rng(3))) as iv:
+            VectorEnv(fns, backend="inprocess", reset_options=opts(np.random.default_rng(3))) as iv:
         assert list(pv.env_workers) == [0, 1, 0, 1]
         _compare(pv, iv, 60, seed=5)  # moves start once every env has MIN_COST_SAMPLES steps timed
         assert pv.moves >= 1
@@ -224,7 +225,7 @@ def test_envs_move_while_others_are_in_flight_and_each_trajectory_stays_exact():
             if count[i] < steps:
                 pv.send(acts[i, count[i]][None], [i])
         assert pv.moves >= 1
-    with VectorEnv(fns) as iv:
+    with VectorEnv(fns, backend="inprocess") as iv:
         iv.reset(seed=5)
         for i in range(n):
             for k in range(steps):
@@ -351,7 +352,7 @@ def test_worker_killed_or_raising_is_restarted_others_unaffected(tmp_path):
     fns = _fns(3)
     faulty = fns[:2] + [lambda: RaiseOnStep(make_env(TASKS[2 % len(TASKS)], image_size=32, seed=102), 3, marker)]
     a = np.random.default_rng(0).uniform(-1, 1, (6, 3, 7)).astype(np.float32)
-    with VectorEnv(faulty, backend="process", num_workers=3) as pv, VectorEnv(fns) as iv:
+    with VectorEnv(faulty, backend="process", num_workers=3) as pv, VectorEnv(fns, backend="inprocess") as iv:
         _step_through_failures(pv, iv, a, kill_worker=0, healthy=1,
                                warn={1: "signal 9", 2: "FloatingPointError"},
                                restarted_at=lambda s: [s == 1, False, s == 2])
@@ -366,7 +367,7 @@ def test_shared_worker_killed_takes_its_envs_a_raising_env_only_itself(tmp_path)
     fns = _fns(4)
     faulty = fns[:2] + [lambda: RaiseOnStep(make_env(TASKS[2], image_size=32, seed=102), 3, marker), fns[3]]
     a = np.random.default_rng(1).uniform(-1, 1, (6, 4, 7)).astype(np.float32)
-    with VectorEnv(faulty, backend="process", num_workers=2) as pv, VectorEnv(fns) as iv:
+    with VectorEnv(faulty, backend="process", num_workers=2) as pv, VectorEnv(fns, backend="inprocess") as iv:
         assert list(pv.env_workers) == [0, 1, 0, 1]
         pid0 = pv.worker_pids[0]
         # env 0 shares its worker with the raising env 2, and never failed itself

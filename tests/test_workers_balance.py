@@ -42,7 +42,7 @@ def test_bad_input():
         assign_devices([1.0], 0)
     with pytest.raises(ValueError, match="non-negative"):
         assign_devices([-1.0], 1)
-    with pytest.raises(ValueError, match="2 costs for 3 envs"):
+    with pytest.raises(ValueError, match="2 costs for 3"):
         worker_render_envs(3, gpus=[0], costs=[1.0, 1.0])
 
 
@@ -56,11 +56,18 @@ def test_cuda_visible_devices_narrows_physical_ids():
 
 
 def test_worker_envs_any_number_of_gpus():
-    # 8 workers on GPUs 3 and 5 (the parent saw CUDA_VISIBLE_DEVICES=3,5): ids are physical, never a rank
-    envs = worker_render_envs(8, gpus=[3, 5])
-    assert [e["MUJOCO_EGL_DEVICE_ID"] for e in envs] == ["3", "5"] * 4
-    assert all(e["CUDA_VISIBLE_DEVICES"] == e["MUJOCO_EGL_DEVICE_ID"] and e["MUJOCO_GL"] == "egl" for e in envs)
-    assert worker_render_envs(3, gpus=[]) == [{}, {}, {}]  # CPU rendering: nothing to set
+    # 8 workers on GPUs 3 and 5 (the parent saw CUDA_VISIBLE_DEVICES=3,5): each worker's EGL id is its GPU's own
+    # EGL device (here listed after Mesa's, in reverse), never a rank or a CUDA index; CUDA_VISIBLE_DEVICES names
+    # the same GPU by UUID (render_devices.py; tests/test_render_devices.py covers the matching)
+    from vlarl_fast.envs.render_devices import EglDevice, Gpu, plan_render_devices, visible
+    gpus = [Gpu(i, f"GPU-{i:08x}-0000-0000-0000-000000000000", f"0000:{16 + i:02x}:00.0", "H200") for i in range(6)]
+    egl = [EglDevice(0, ("EGL_MESA_device_software",))]
+    egl += [EglDevice(6 - i, (), None, g.pci_bus_id) for i, g in enumerate(gpus)]
+    envs, _ = plan_render_devices("auto", 8, visible(gpus, "3,5", None), egl)
+    assert [e["MUJOCO_EGL_DEVICE_ID"] for e in envs] == ["3", "1"] * 4
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == [gpus[3].uuid, gpus[5].uuid] * 4
+    assert all(e["MUJOCO_GL"] == "egl" for e in envs)
+    assert all(e["MUJOCO_GL"] in ("egl", "osmesa") for e in worker_render_envs(3, gpus=[]))  # [] = Mesa on the CPU
     assert render_env(None) == {}
 
 

@@ -50,6 +50,9 @@ class EvalCommand:
     """Environments stepped together (0: tabletop 48, LIBERO 8)."""
     max_episode_steps: int | None = None
     """Cut episodes shorter than the suite's limit (quick checks; not a benchmark number)."""
+    render_device: str = "auto"
+    """Where the env worker processes render: 'auto' (the visible GPUs, through each GPU's own EGL device), 'cpu'
+    (Mesa), 'cuda' (every visible GPU) or 'cuda:0,cuda:2' (those CUDA devices)."""
     videos: int = 0
     """Record the first N episodes of each task as videos in OUTPUT_DIR/videos (the policy's view)."""
     video_format: Literal["gif", "mp4"] = "gif"
@@ -68,6 +71,10 @@ class EvalCommand:
     """Action decoding: 'fast' (the prefill and 6 cached steps, eager) or 'compiled' (the same through
     torch.compile: faster per call, but each new batch size or prompt length first compiles for seconds to a
     minute, so it pays off for long runs and large models)."""
+    action_convention: Literal["auto", "identity", "libero-openvla"] = "auto"
+    """How decoded actions become env actions ('auto': what the checkpoint recorded, else 'libero-openvla' for an
+    OpenVLA checkpoint whose statistics key starts with 'libero' (gripper 0 = close flipped to LIBERO's +1), else
+    'identity')."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -124,7 +131,7 @@ def eval_env(cfg: EvalCommand):
     from .envs import get_task, list_tasks
     try:
         env = resolve_env(EnvConfig(benchmark=cfg.env, suite=cfg.suite, tasks=cfg.tasks, num_envs=cfg.num_envs,
-                                    max_episode_steps=cfg.max_episode_steps))
+                                    max_episode_steps=cfg.max_episode_steps, render_device=cfg.render_device))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tasks = list(env.tasks) or list_tasks(env.suite)
@@ -152,7 +159,7 @@ def cmd_eval(args: list[str]) -> int:
     env, tasks = eval_env(cfg)
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
                          image_size=env.image_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
-                         attn_implementation=cfg.attn_implementation)
+                         attn_implementation=cfg.attn_implementation, action_convention=cfg.action_convention)
     policy.decode_impl = cfg.decode
     per_state = cfg.episodes_per_state or EPISODES_PER_STATE[cfg.env]
     try:
@@ -164,7 +171,7 @@ def cmd_eval(args: list[str]) -> int:
                        episodes_per_task=cfg.episodes_per_task, num_envs=env.num_envs,
                        image_size=policy.config.image_size, seed=cfg.seed, greedy=cfg.greedy,
                        temperature=cfg.temperature, progress=bar, env_options=env_options(env), record=cfg.videos,
-                       backend=env.backend)
+                       backend=env.backend, render_device=env.render_device)
     console = Console()
     console.print(success_table(None, res, title=f"Success per task ({cfg.policy})"))
     videos = res.pop("videos", {})

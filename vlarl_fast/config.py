@@ -35,6 +35,10 @@ class EnvConfig:
     """Where envs step: 'process' = the C++-backed worker-process manager (one worker process per core, each
     serving several envs; render devices balanced over the GPUs); 'inprocess' = the calling process, one env
     after another. 'auto': 'process' where the compiled extension is usable, else 'inprocess'."""
+    render_device: str = "auto"
+    """Where the env workers of --env.backend process render: 'auto' = each worker on a visible GPU through that
+    GPU's own EGL device (Mesa on the CPU where no GPU has one); 'cpu' = Mesa on the CPU; 'cuda' = every visible
+    GPU; 'cuda:0,cuda:2' (or '0,2') = those CUDA devices. MUJOCO_GL=osmesa and CUDA_VISIBLE_DEVICES are respected."""
 
 
 ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 48,
@@ -46,6 +50,11 @@ ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "d
 def env_options(env: EnvConfig) -> dict:
     """The keyword options every env of a run is made with (beyond task, image size, reward and seed)."""
     return {} if env.max_episode_steps is None else {"max_episode_steps": env.max_episode_steps}
+
+
+def vector_options(env: EnvConfig) -> dict:
+    """VectorEnv's keyword options for a run's envs: the backend, and where worker processes render."""
+    return {"backend": env.backend, **({"render_devices": env.render_device} if env.backend == "process" else {})}
 
 
 def resolve_env(env: EnvConfig) -> EnvConfig:
@@ -61,11 +70,17 @@ def resolve_env(env: EnvConfig) -> EnvConfig:
     if env.benchmark == "libero" and reward != "sparse":
         raise ValueError("LIBERO has only the sparse success reward: drop --env.reward or set it to sparse")
     backend = env.backend
+    num_envs = env.num_envs or d["num_envs"]
     if backend == "auto":
-        from ._ext import EXT_AVAILABLE
-        backend = d["backend"] if EXT_AVAILABLE else "inprocess"
+        from .envs.vector import choose_backend  # VectorEnv's own rule: one env, or no extension, in-process
+        backend = choose_backend(num_envs, "auto")[0]
+    from .envs.render_devices import parse_render_device
+    if parse_render_device(env.render_device) != "auto" and backend != "process":
+        raise ValueError(f"--env.render-device {env.render_device} chooses where worker processes render, but envs "
+                         f"step in this process (--env.backend {backend}): add --env.backend process, or set "
+                         "MUJOCO_GL=osmesa (CPU) or MUJOCO_GL=egl MUJOCO_EGL_DEVICE_ID=N for this process yourself")
     return dataclasses.replace(env, suite=suite, image_size=env.image_size or d["image_size"], reward=reward,
-                               num_envs=env.num_envs or d["num_envs"], backend=backend)
+                               num_envs=num_envs, backend=backend)
 
 
 @dataclass
@@ -89,6 +104,12 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass instead of keeping them (less memory,
     about a third more compute): for large backbones on a GPU."""
+    action_convention: Literal["auto", "identity", "libero-openvla"] = "auto"
+    """How decoded actions become env actions (and demonstrations become tokens). 'libero-openvla': OpenVLA's
+    LIBERO fine-tunes emit the gripper as 0 = close, 1 = open; LIBERO takes -1 = open, +1 = close, so it is
+    binarised and flipped as OpenVLA's LIBERO evaluation does. 'identity': no change. 'auto': what the checkpoint
+    recorded when saved here, else 'libero-openvla' for an OpenVLA checkpoint whose statistics key starts with
+    'libero', else 'identity'."""
 
 
 @dataclass
@@ -157,6 +178,12 @@ class PPOConfig:
     """Global gradient-norm clip."""
     target_kl: float | None = 0.05
     """Stop the epoch loop early when approx_kl exceeds this (None: never)."""
+    recompute_logprobs: Literal["auto", "on", "off"] = "auto"
+    """Before the first epoch, score the rollout's actions again with the update's own forward (no gradients)
+    and take the PPO ratio against those log-probs; the rollout's are kept for the rollout_logp_gap metric.
+    The rollout decoder and the update compute the same log-probs by different kernels, which in bfloat16
+    differ enough to move the first ratio off 1 (docs/precision.md). 'auto': on unless the language model is
+    float32 (where the two agree to 4e-6; recomputing costs about one forward pass over the rollout)."""
     critic: Literal["shared", "separate"] = "shared"
     """The critic: 'shared' = a value head on the policy's own hidden states (one forward for both; the tiny
     VLA detaches them so value gradients leave the policy alone); 'separate' = VLA-RL's critic, a copy of the
@@ -188,7 +215,8 @@ class PPOConfig:
     lora_alpha: float = 32.0
     """LoRA scale numerator (the update is B A * alpha / rank)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA branch's input."""
+    """Dropout on the LoRA branch's input, saved in the adapter's config; PPO's updates run without dropout, so
+    that their first ratio is 1."""
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Linear layers of the language model that get adapters."""
     freeze_vision: bool = True

@@ -137,6 +137,8 @@ def _render() -> dict:
         rep = dict(backend_report())
         rep.setdefault("works", bool(rep.get("backend")))
         rep.setdefault("error", None)
+        from .envs.render_devices import report_lines
+        rep["devices"] = report_lines()  # the EGL device each GPU renders on (no GL context made)
         return rep
     except Exception as e:
         return {"backend": None, "works": False, "error": f"{type(e).__name__}: {e}"}
@@ -212,6 +214,14 @@ def _bc_precision(cuda: bool) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
+def _version_warnings(packages: dict) -> list[str]:
+    try:
+        from .versions import version_warnings
+        return version_warnings(packages)
+    except Exception as e:
+        return [f"version check failed: {type(e).__name__}: {e}"]
+
+
 def collect_info() -> dict:
     """Everything `vlarl-fast info` reports, as a JSON-serialisable dict. Never raises."""
     try:
@@ -249,6 +259,7 @@ def collect_info() -> dict:
         problems.append("no headless render backend: environments cannot render observations")
     problems += _libero_problems(packages, info["libero"])
     info["problems"] = problems
+    info["warnings"] = _version_warnings(packages)
     return info
 
 
@@ -283,6 +294,7 @@ def format_info(info: dict) -> str:
               f"  attention     {info['attention']}",
               f"  BC precision  {info['bc_precision']}",
               f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
+              *(f"                {d}" for d in render.get("devices", [])),
               "  task suites   " + ("error: " + suites["error"] if "error" in suites
                                     else ", ".join(f"{k} ({v} tasks)" for k, v in suites.items()))]
     lib = info.get("libero")
@@ -295,6 +307,8 @@ def format_info(info: dict) -> str:
         lines.append(f"  LIBERO assets {lib['assets'] or 'NOT found (see problems)'}")
     if info.get("env"):
         lines += ["", "environment:"] + [f"  {k}={v}" for k, v in info["env"].items()]
+    if info.get("warnings"):
+        lines += ["", "warnings:"] + [f"  - {w}" for w in info["warnings"]]
     if info["problems"]:
         lines += ["", "problems:"] + [f"  - {p}" for p in info["problems"]]
     return "\n".join(lines)

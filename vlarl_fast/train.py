@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, env_options, resolve_env
+from .config import TrainConfig, env_options, resolve_env, vector_options
 from .envs import VectorEnv, get_task, list_tasks, make_env
 from .policy import NormStats, make_policy, save_policy
 from .policy.protocol import enable_gradient_checkpointing
@@ -75,7 +75,7 @@ def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
         return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
                         num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
                         greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar,
-                        env_options=env_options(cfg.env), backend=cfg.env.backend)
+                        env_options=env_options(cfg.env), backend=cfg.env.backend, render_device=cfg.env.render_device)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -108,7 +108,8 @@ def train(cfg: TrainConfig) -> dict:
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
                          device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers,
-                         dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation)
+                         dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation,
+                         action_convention=cfg.policy.action_convention)
     policy.decode_impl = cfg.policy.decode
     bc_dtype = resolve_bc_autocast(cfg.sft.bc_autocast, cfg.device)
     if cfg.policy.gradient_checkpointing:
@@ -181,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
                                     learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
                                     weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
                                     balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
-        envs = VectorEnv(fns, backend=cfg.env.backend, reset_options=None if curriculum is None else
+        envs = VectorEnv(fns, **vector_options(cfg.env), reset_options=None if curriculum is None else
                          (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder)

@@ -1,18 +1,19 @@
-"""Render devices for env workers: which GPUs exist, which worker renders on which, and the
-environment variables that make MuJoCo's EGL renderer use it.
+"""Load balancing for env workers: spreading workers over render devices, and moving envs between
+workers by their measured costs.
 
 The reference code sets ``MUJOCO_EGL_DEVICE_ID`` from the process rank and crashes when a worker
-sees fewer devices than its rank. Here every id comes from the devices actually present, and the
-assignment is a pure function of measured per-env costs (greedy, longest first), so it is tested
-with simulated costs and works for any number of GPUs, including none (CPU rendering, no ids set).
+sees fewer devices than its rank. Here the assignment is a pure function of measured per-env costs
+(greedy, longest first), so it is tested with simulated costs and works for any number of devices.
+Which devices exist and the variables that select them are render_devices' part (re-exported here).
 Workers start spread evenly over the devices; the manager then moves envs between workers at
 episode boundaries by their measured step+render costs (plan_rebalance), which evens out the
 load of the workers and with it of the devices they render on.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
+
+from .render_devices import narrow_by_cuda_visible  # noqa: F401  (re-exported)
 
 
 def assign_devices(costs: Sequence[float], num_devices: int) -> list[int]:
@@ -86,63 +87,35 @@ def plan_rebalance(costs: Sequence[float], owner: Sequence[int], num_workers: in
 
 
 def visible_gpus() -> list[int]:
-    """Physical indices of the GPUs this process may use: NVML's devices, narrowed by
-    CUDA_VISIBLE_DEVICES (indices or GPU-UUIDs). [] without NVML or without a GPU."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-    except Exception:  # ImportError, NVMLError_LibraryNotFound (no driver), NVMLError_DriverNotLoaded
-        return []
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        uuids = []
-        for i in range(count):
-            u = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
-            uuids.append(u.decode() if isinstance(u, bytes) else u)
-    finally:
-        pynvml.nvmlShutdown()
-    return narrow_by_cuda_visible(uuids, os.environ.get("CUDA_VISIBLE_DEVICES"))
-
-
-def narrow_by_cuda_visible(uuids: Sequence[str], cuda_visible: str | None) -> list[int]:
-    """Physical indices named by CUDA_VISIBLE_DEVICES (None: all). Stops at the first invalid
-    entry, as CUDA does."""
-    if cuda_visible is None:
-        return list(range(len(uuids)))
-    out: list[int] = []
-    for tok in (t.strip() for t in cuda_visible.split(",")):
-        if tok.isdigit() and int(tok) < len(uuids):
-            idx = int(tok)
-        else:
-            matches = [i for i, u in enumerate(uuids) if tok and u.startswith(tok if tok.startswith("GPU-") else "GPU-" + tok)]
-            if len(matches) != 1:
-                break
-            idx = matches[0]
-        if idx in out:
-            break
-        out.append(idx)
-    return out
+    """NVML indices of the GPUs this process may use (narrowed by CUDA_VISIBLE_DEVICES, in its order);
+    [] without NVML or without a GPU."""
+    from .render_devices import machine
+    return [g.index for g in machine()["gpus"]]
 
 
 def render_env(physical_gpu: int | None) -> dict:
-    """Environment variables for a worker that renders on `physical_gpu` (None: CPU rendering).
-
-    EGL enumerates every GPU whatever CUDA_VISIBLE_DEVICES says, so MUJOCO_EGL_DEVICE_ID takes the
-    physical index; CUDA_VISIBLE_DEVICES then narrows CUDA in the worker to the same GPU."""
+    """Render variables for a worker that renders on the GPU with NVML index `physical_gpu` (None: {},
+    the worker picks its backend itself): its EGL device as matched by PCI bus id / UUID / CUDA ordinal, and
+    CUDA_VISIBLE_DEVICES naming the same GPU by UUID. RenderDeviceError when it has no EGL device."""
     if physical_gpu is None:
         return {}
-    return {"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl", "MUJOCO_EGL_DEVICE_ID": str(physical_gpu),
-            "CUDA_VISIBLE_DEVICES": str(physical_gpu)}
+    from .render_devices import CPU_FIX, NO_EGL_FIX, RenderDeviceError, gpu_vars, machine, match_egl, query_gpus
+    m = machine()
+    gpu = next((g for g in m["gpus"] if g.index == physical_gpu), None)  # visible: its CUDA ordinal is known
+    if gpu is None and m["nvml_error"] is None:
+        gpu = next((g for g in query_gpus() if g.index == physical_gpu), None)
+    if gpu is None:
+        raise RenderDeviceError(f"there is no NVIDIA GPU {physical_gpu} (NVML index) here")
+    dev = match_egl([gpu], m["egl"]).get(gpu.index)
+    if dev is None:
+        raise RenderDeviceError(f"GPU {physical_gpu} ({gpu.uuid}) has no EGL device: {NO_EGL_FIX}; or render on "
+                                f"the CPU with {CPU_FIX}")
+    return gpu_vars(gpu, dev)
 
 
-def worker_render_envs(num_envs: int, gpus: Sequence[int] | None = None,
-                       costs: Sequence[float] | None = None) -> list[dict]:
-    """Per-worker environment for `num_envs` workers spread over `gpus` (default: visible_gpus())
-    by `costs` (default: equal). No GPU: every worker renders on the CPU (no device variables)."""
-    gpus = visible_gpus() if gpus is None else list(gpus)
-    if not gpus:
-        return [{} for _ in range(num_envs)]
-    costs = [1.0] * num_envs if costs is None else list(costs)
-    if len(costs) != num_envs:
-        raise ValueError(f"got {len(costs)} costs for {num_envs} envs")
-    return [render_env(gpus[d]) for d in assign_devices(costs, len(gpus))]
+def worker_render_envs(num_envs: int, gpus=None, costs: Sequence[float] | None = None) -> list[dict]:
+    """Per-worker render variables for `num_envs` workers spread by `costs` (default: equal) over `gpus`:
+    None = 'auto' (the visible GPUs that have an EGL device), [] = 'cpu', or any render-device choice of
+    render_devices.parse_render_device ('cuda', 'cuda:0,cuda:1', CUDA ordinals)."""
+    from .render_devices import worker_render_vars
+    return worker_render_vars("auto" if gpus is None else gpus, num_envs, costs)

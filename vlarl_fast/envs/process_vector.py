@@ -1,7 +1,8 @@
-"""``ProcessVectorEnv``: the in-process ``VectorEnv``'s interface, with the envs stepped in worker
-processes (by default one per core, each serving several envs, as EnvPool's threads do).
+"""``ProcessVectorEnv`` (``VectorEnv(..., backend="process")``): ``VectorEnv``'s interface, with the
+envs stepped in worker processes (by default one per core, each serving several envs, as EnvPool's
+threads do).
 
-Same semantics as ``vector.VectorEnv`` (same-step auto-reset, ``info["final_obs"]``,
+Same semantics as ``vector.InProcessVectorEnv`` (same-step auto-reset, ``info["final_obs"]``,
 ``reset_options``, ``reset_env``, ``observations``), checked step by step against it in
 tests/test_workers.py. Observations, rewards and flags come back through a shared-memory batch
 (see workers.py); the manager only copies the rows it returns. The batch's name is unlinked as
@@ -42,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import workers as W
-from .vector import VectorEnvBase
+from .vector import VectorEnv
 
 # a worker whose env keeps failing right after a restart is a bug, not bad luck
 MAX_CONSECUTIVE_RESTARTS = 3
@@ -167,12 +168,15 @@ def _shutdown(workers: list, batch) -> None:
         batch.close()
 
 
-class ProcessVectorEnv(VectorEnvBase):
+class ProcessVectorEnv(VectorEnv):
+    backend = "process"
+
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
                  autoreset: bool = True, batch_size: int | None = None, step_timeout: float | None = 300.0,
                  start_method: str = "spawn", start_timeout: float = 120.0, worker_env: Sequence[dict] | dict | None = None,
                  render_devices: Sequence[int] | str | None = "auto", num_workers: int | None = None,
-                 rebalance: bool = True, rebalance_min_gain: float = 0.1):
+                 rebalance: bool = True, rebalance_min_gain: float = 0.1, backend: str = "auto"):
+        # (backend was consumed by VectorEnv.__new__)
         from .._ext import require_ext
         C = require_ext()
         import cloudpickle
@@ -194,11 +198,11 @@ class ProcessVectorEnv(VectorEnvBase):
             worker_env = [dict(worker_env or {})] * nw
         if len(worker_env) != nw:
             raise ValueError(f"worker_env holds {len(worker_env)} dicts for {nw} workers")
-        # render devices: "auto" = the GPUs NVML shows (narrowed by CUDA_VISIBLE_DEVICES), spread
-        # evenly; None or no GPU = CPU rendering. Measured-cost rebalancing is balance.assign_devices.
-        from .balance import worker_render_envs
-        gpus = None if render_devices == "auto" else list(render_devices or [])
-        render = worker_render_envs(nw, gpus)
+        # render devices (render_devices.parse_render_device): "auto" = the visible GPUs that have an EGL
+        # device, spread evenly (else the CPU); "cpu" (or None) = Mesa; "cuda", "cuda:0,cuda:2" or CUDA
+        # ordinals = those GPUs. Each worker gets its GPU's EGL index and CUDA_VISIBLE_DEVICES=<its UUID>.
+        from .render_devices import worker_render_vars
+        render = worker_render_vars(render_devices, nw)
         # llvmpipe otherwise spreads each render over every core, fighting the other workers
         self._worker_env = [{"LP_NUM_THREADS": "1", **r, **e} for r, e in zip(render, worker_env)]
         self._workers: list[_Worker | None] = [None] * nw
@@ -252,6 +256,8 @@ class ProcessVectorEnv(VectorEnvBase):
         self._plan: list[int] | None = None  # the worker each env is to move to, at its next episode start
 
     def _new_worker(self, w: int) -> _Worker:
+        from .render_devices import release_cached_gpu_memory
+        release_cached_gpu_memory([self._worker_env[w]])  # at the start and at each restart
         ids = self._worker_envs[w].tolist()
         return _Worker(self._ctx, w, ids, [self._fn_bytes[i] for i in ids], self._worker_env[w])
 
@@ -658,9 +664,6 @@ class ProcessVectorEnv(VectorEnvBase):
         self._dispatch(actions, ids)
         self._wait(ids, len(ids))
         return self._finish(ids)
-
-    def step(self, actions):
-        return self._step_ids(actions, np.arange(self.num_envs))
 
     # ---- EnvPool-style async API -------------------------------------------------------------
     def send(self, actions, env_ids) -> None:

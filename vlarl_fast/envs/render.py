@@ -11,6 +11,7 @@ import os
 
 DEBIAN_PACKAGES = {"egl": "libegl1 libgl1-mesa-dri", "osmesa": "libosmesa6"}
 _selected: str | None = None
+_chosen_here = False  # MUJOCO_GL was set by select_backend, not by the user
 
 
 class RenderBackendError(RuntimeError):
@@ -60,12 +61,19 @@ def _load_triton_first() -> None:
         pass
 
 
+def user_mujoco_gl() -> str | None:
+    """MUJOCO_GL as the user set it (None when unset, or set by select_backend's own choice)."""
+    return None if _chosen_here else os.environ.get("MUJOCO_GL")
+
+
 def select_backend() -> str:
     """Respect MUJOCO_GL if set; otherwise pick EGL, then OSMesa. Cached per process."""
-    global _selected
+    global _selected, _chosen_here
     if _selected is not None:
         return _selected
     _load_triton_first()
+    from .render_devices import resolve_in_worker
+    resolve_in_worker()  # a worker told which device to use: its EGL index, in this process's enumeration
     forced = os.environ.get("MUJOCO_GL")
     candidates = [forced] if forced else ["egl", "osmesa"]
     tried: dict[str, str] = {}
@@ -83,7 +91,7 @@ def select_backend() -> str:
                     os.environ.pop("PYOPENGL_PLATFORM", None)
             continue
         _install(context_cls)
-        _selected = backend
+        _selected, _chosen_here = backend, not forced
         return backend
     raise RenderBackendError(missing_backend_message(tried))
 

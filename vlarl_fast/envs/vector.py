@@ -1,9 +1,19 @@
 """Vectorised stepping with gymnasium's vector API (same-step auto-reset) and EnvPool-style
 ``send``/``recv``.
 
-This is the in-process implementation: every env steps in the calling process, one after
-another. ``VectorEnv(env_fns, backend="process", ...)`` gives the worker-process manager
-(process_vector.ProcessVectorEnv) behind the same interface instead.
+``VectorEnv(env_fns, backend=...)`` is the common type of two backends behind one interface:
+
+- ``"process"``: ``process_vector.ProcessVectorEnv``, the envs stepped in worker processes through a
+  shared-memory batch (needs the compiled extension);
+- ``"inprocess"``: ``InProcessVectorEnv`` below, every env stepped in the calling process, one after
+  another;
+- ``"auto"`` (the default): ``"process"`` for more than one env when the compiled extension is there,
+  ``"inprocess"`` otherwise (``choose_backend``). On 8 tabletop envs the worker processes step 1.6-1.7x
+  as fast as gymnasium's AsyncVectorEnv, the in-process loop 0.7x (benchmarks/RESULTS.md).
+
+``VectorEnv(...)`` picks the class and Python runs that class's ``__init__`` once, so the result is an
+instance of ``VectorEnv`` and of the chosen backend's class; ``backend`` and ``backend_reason`` say
+which was chosen and why.
 
 Auto-reset: when an env's episode ends inside ``step``, it is reset at once; the returned
 observation is the new episode's first, and ``info["final_obs"]`` holds the last observation
@@ -11,18 +21,85 @@ of the finished episode (needed to bootstrap the value at a time-limit truncatio
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+BACKENDS = ("auto", "inprocess", "process")
 
 
 def _stack(obs_list: list[dict]) -> dict:
     return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
 
 
-class VectorEnvBase:
-    """What both backends share: per-env episode facts (kept in ``_instructions``, ``_task_ids``,
-    ``_init_states``), ``with``-statement support and a last-chance ``close()`` when collected."""
+def choose_backend(num_envs: int, backend: str = "auto") -> tuple[str, str]:
+    """The backend ``VectorEnv`` builds for ``num_envs`` envs, and why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown VectorEnv backend {backend!r}; use one of {', '.join(map(repr, BACKENDS))}")
+    if backend != "auto":
+        return backend, f"backend={backend!r} was asked for"
+    from .. import _ext   # its attribute looked up at each call, so switching it off (tests) takes effect
+    if num_envs <= 1:
+        return "inprocess", "auto: one env, which a worker process would only slow down (a round trip per step)"
+    if not _ext.EXT_AVAILABLE:
+        return "inprocess", f"auto: the compiled extension is unavailable ({_ext.EXT_ERROR})"
+    return "process", f"auto: {num_envs} envs and the compiled extension: worker processes step them in parallel"
+
+
+def _backend_class(name: str) -> type:
+    if name == "process":
+        from .process_vector import ProcessVectorEnv  # imports this module: loaded only when used
+        return ProcessVectorEnv
+    return InProcessVectorEnv
+
+
+def _keywords(cls: type) -> list[str]:
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n != "backend"]
+
+
+def _check_keywords(cls: type, kwargs: dict, why: str) -> None:
+    """Name the backend when a keyword belongs to the other one (``num_workers`` in-process, say)."""
+    known = _keywords(cls)
+    unknown = [k for k in kwargs if k not in known]
+    if not unknown:
+        return
+    hint = ""
+    if cls.backend == "inprocess" and all(k in _keywords(_backend_class("process")) for k in unknown):
+        hint = " Those are the worker-process backend's: pass backend='process' (it needs the compiled extension)."
+    raise TypeError(f"VectorEnv backend {cls.backend!r} does not take {', '.join(unknown)}; it takes "
+                    f"{', '.join(known)}.{hint} (Why this backend: {why}.)")
+
+
+class VectorEnv:
+    """What every backend shares: construction through ``VectorEnv(env_fns, backend=...)``, per-env
+    episode facts (kept in ``_instructions``, ``_task_ids``, ``_init_states``), ``step`` and
+    ``step_envs`` over the backend's ``_step_ids``, ``with``-statement support and a last-chance
+    ``close()`` when collected."""
+
+    backend: str = "auto"   # each backend class names itself
+    backend_reason: str = ""
+
+    def __new__(cls, env_fns=(), *args, backend: str = "auto", **kwargs):
+        if cls is VectorEnv:
+            try:
+                n = len(env_fns)
+            except TypeError:
+                raise TypeError(f"VectorEnv takes a sequence of env factories (a list); got "
+                                f"{type(env_fns).__name__}") from None
+            name, why = choose_backend(n, backend)
+            sub = _backend_class(name)
+        else:
+            if backend not in ("auto", cls.backend):
+                raise ValueError(f"{cls.__name__} is the {cls.backend!r} backend, not {backend!r}; build "
+                                 f"VectorEnv(env_fns, backend={backend!r}) instead")
+            sub, why = cls, f"{cls.__name__} was constructed"
+        _check_keywords(sub, kwargs, why)
+        self = super().__new__(sub)
+        # type.__call__ then runs sub.__init__ (with these same arguments) exactly once
+        self.backend_reason = why
+        return self
 
     @property
     def instructions(self) -> list[str]:
@@ -35,6 +112,28 @@ class VectorEnvBase:
     @property
     def init_states(self) -> np.ndarray:
         return self._init_states.copy()
+
+    def _env_ids(self, env_ids) -> np.ndarray:
+        ids = np.asarray(env_ids).reshape(-1)
+        if len(ids) and ids.dtype.kind not in "iu":
+            raise TypeError(f"env_ids must be integer env indices; got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if len(np.unique(ids)) != len(ids) or (len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs)):
+            raise ValueError(f"env_ids must be distinct ids in [0, {self.num_envs}); got {ids.tolist()}")
+        return ids
+
+    def step(self, actions):
+        return self._step_ids(actions, np.arange(self.num_envs))
+
+    def step_envs(self, actions, env_ids):
+        """Step only envs ``env_ids`` with ``actions`` [len(env_ids), *action_shape] and wait for them: the
+        synchronous ``send`` + ``recv`` of a subset. The others stay where they are (evaluation steps only
+        the envs whose episode is still running). Returns ``step``'s tuple for those envs, in ``env_ids``
+        order; ``info["env_id"]`` names them."""
+        return self._step_ids(actions, self._env_ids(env_ids))
+
+    def _step_ids(self, actions, ids: np.ndarray):  # pragma: no cover - every backend defines it
+        raise NotImplementedError
 
     def close(self) -> None:  # pragma: no cover - every backend defines it
         raise NotImplementedError
@@ -52,17 +151,18 @@ class VectorEnvBase:
             pass
 
 
-class VectorEnv(VectorEnvBase):
-    def __new__(cls, env_fns=(), *, backend: str = "inprocess", **kwargs):
-        if backend == "process":
-            from .process_vector import ProcessVectorEnv
-            return ProcessVectorEnv(env_fns, **kwargs)  # not a VectorEnv: __init__ is not run again
-        if backend != "inprocess":
-            raise ValueError(f"unknown VectorEnv backend {backend!r}; use 'inprocess' or 'process'")
-        return super().__new__(cls)
+# the common base's former name
+VectorEnvBase = VectorEnv
+
+
+class InProcessVectorEnv(VectorEnv):
+    """Every env steps in the calling process, one after another."""
+
+    backend = "inprocess"
 
     def __init__(self, env_fns: Sequence[Callable[[], Any]], *, reset_options: Callable[[int], dict | None] | None = None,
-                 autoreset: bool = True, backend: str = "inprocess"):
+                 autoreset: bool = True, backend: str = "auto"):
+        # (backend was consumed by VectorEnv.__new__)
         if not env_fns:
             raise ValueError("VectorEnv needs at least one env factory")
         self.envs = [fn() for fn in env_fns]
@@ -151,12 +251,9 @@ class VectorEnv(VectorEnvBase):
             info["final_obs"] = _stack(filled)
         return _stack(obs_out), rewards, terminated, truncated, info
 
-    def step(self, actions):
-        return self._step_ids(actions, np.arange(self.num_envs))
-
     # ---- EnvPool-style async API ------------------------------------------------------------
     def send(self, actions, env_ids) -> None:
-        self._pending.append((np.asarray(actions), np.asarray(env_ids, dtype=np.int64)))
+        self._pending.append((np.asarray(actions), self._env_ids(env_ids)))
 
     def recv(self):
         if not self._pending:

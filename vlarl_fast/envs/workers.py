@@ -164,6 +164,15 @@ def set_rng_state(env, state) -> None:
     getattr(env, "unwrapped", env)._np_random = np.random.Generator(bit_gen)
 
 
+def _render_note(exc: BaseException) -> str:
+    """For a renderer failure: the device and rendering variables of this worker, and the fix."""
+    from .render_devices import gpu_memory, is_render_error, render_failure_note
+    if not is_render_error(exc):
+        return ""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return "\n" + render_failure_note(os.environ, gpu_memory(gpu) if gpu.startswith("GPU-") else None)
+
+
 def _build(fn_bytes: bytes):
     import cloudpickle
     return cloudpickle.loads(fn_bytes)()
@@ -181,8 +190,9 @@ def worker_main(env_ids: list[int], fn_bytes: list[bytes], conn, env_vars: dict)
         for i, fb in zip(env_ids, fn_bytes):
             try:
                 envs[i] = _build(fb)
-            except BaseException:
-                conn.send(("error", i, f"env factory {i} failed to build the env:\n{traceback.format_exc()}"))
+            except BaseException as e:
+                conn.send(("error", i, f"env factory {i} failed to build the env:\n{traceback.format_exc()}"
+                           f"{_render_note(e)}"))
                 return
         conn.send(("spaces", [(envs[i].observation_space, envs[i].action_space) for i in env_ids]))
         if conn.recv()[0] != "batch":
@@ -263,8 +273,9 @@ class _Server:
                 pass
             try:
                 self.envs[i] = _build(self.factories[i])
-            except BaseException:
-                self.conn.send(("error", i, f"env factory {i} failed to rebuild the env:\n{traceback.format_exc()}"))
+            except BaseException as e:
+                self.conn.send(("error", i, f"env factory {i} failed to rebuild the env:\n{traceback.format_exc()}"
+                                f"{_render_note(e)}"))
                 self.batch.set_state(i, DONE)
                 return False
         self.batch.set_state(i, DONE)

@@ -8,7 +8,8 @@ with it decode identically here.
 
 Normalised actions in [-1, 1] are mapped to the environment's units with per-dimension q01/q99
 statistics (``NormStats``), as OpenVLA's ``unnormalize_actions`` does; dimensions whose
-``mask`` is False (the gripper) pass through unchanged.
+``mask`` is False (the gripper) pass through unchanged. The policy's action convention
+(``action_convention.py``) then maps them to the env's own (OpenVLA-LIBERO's gripper, for one).
 """
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
                    temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
                    impl: str = "fast", capture_layer: int | None = None) -> Decoded:
     """embeds/mask/pos: left-padded prompts from ``model.prompt_embeds``. Returns the 7 action tokens, their
-    log-probs (the PPO 'old' log-probs, from this pass, never recomputed) and the prompt's hidden states.
+    log-probs from this pass (PPO's 'old' log-probs in float32; see ``--ppo.recompute-logprobs``) and the
+    prompt's hidden states.
 
     ``impl``: "fast" (prefill and steps by ``llama_step`` where the decoder is a Llama, else as "static"),
     "compiled" ("fast" through torch.compile),

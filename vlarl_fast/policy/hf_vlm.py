@@ -12,7 +12,7 @@ image tokens (LLaVA, PaliGemma and their kin in transformers 5) get the policy A
 
 A checkpoint is the model's own ``save_pretrained`` directory (loadable by transformers alone), the
 tokenizer, dataset_statistics.json, and vlarl-fast's two extra files: ``vlarl_hf_vlm.json`` (image
-normalisation, critic settings) and ``vlarl_value_head.safetensors``.
+normalisation, critic settings, the policy's action convention) and ``vlarl_value_head.safetensors``.
 """
 from __future__ import annotations
 
@@ -168,15 +168,17 @@ def is_hf_vlm_checkpoint(path: Path) -> bool:
     return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type != "openvla"
 
 
-def save_hf_vlm(model: HFVLAModel, tokenizer, path: Path) -> None:
-    """Into ``path`` (an existing, empty directory): the backbone, tokenizer, settings and critic."""
+def save_hf_vlm(model: HFVLAModel, tokenizer, path: Path, *, action_convention: str | None = None) -> None:
+    """Into ``path`` (an existing, empty directory): the backbone, tokenizer, settings and critic;
+    ``action_convention`` (the policy's, ``action_convention.py``) is recorded among the settings."""
     from safetensors.torch import save_file
 
     from .lora import base_state_dict, save_adapter
     path = Path(path)
     model.vlm.save_pretrained(str(path), state_dict=base_state_dict(model.vlm.state_dict()))
     tokenizer.save_pretrained(str(path))
-    (path / SETTINGS).write_text(json.dumps(model.config.to_dict(), indent=2))
+    settings = model.config.to_dict() | ({} if action_convention is None else {"action_convention": action_convention})
+    (path / SETTINGS).write_text(json.dumps(settings, indent=2))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
               str(path / VALUE_HEAD_FILE))
     save_adapter(model, path)

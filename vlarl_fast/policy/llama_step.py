@@ -107,8 +107,8 @@ class LlamaStepper:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.manual_attention = mask.device.type == "cpu"
         probe = torch.empty(0, device=positions.device, dtype=dtype)
-        self.cos, self.sin = self._rope_tables(*decoder.rotary_emb(probe, positions))  # [B, 1, steps, d]
-        self.prompt_cos, self.prompt_sin = self._rope_tables(*decoder.rotary_emb(probe, pos))  # [B, 1, S, d]
+        self.cos, self.sin = self._rope_tables(*decoder.rotary_emb(probe, position_ids=positions))  # [B, 1, steps, d]
+        self.prompt_cos, self.prompt_sin = self._rope_tables(*decoder.rotary_emb(probe, position_ids=pos))  # [B, 1, S, d]
         self.allowed = mask.bool()[:, None, None, :]                  # [B, 1, 1, L]
         self.bias = self._bias(self.allowed, dtype)
         S = prompt_len

@@ -3,7 +3,8 @@
 ``act`` is the rollout path: one batched prefill of every environment's prompt, a KV cache,
 then exactly 7 decode steps constrained to the 256 action ids, sampled with temperature (or
 greedy) (``decode.decode_actions``). It returns the tokens, their per-token log-probs from that
-same pass (these are the PPO "old" log-probs, never recomputed), and the value.
+same pass (PPO's "old" log-probs; in bfloat16 the update recomputes them with its own forward,
+docs/precision.md), and the value.
 
 The model is anything that implements ``protocol.VLAModel`` (the built-in ``TinyVLA``, OpenVLA);
 nothing here reads a model's own module names.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .action_convention import IDENTITY, check_convention, from_env, to_env
 from .action_tokenizer import ACTION_DIM, ActionTokenizer, NormStats
 from .critic import CRITICS, POOLINGS, SeparateCritic, pool_prompt
 from .decode import IMPLS, action_logprobs_of, decode_actions, teacher_forced_hidden, top_layers_hidden
@@ -46,7 +48,7 @@ class FrozenInputs:
 
 class VLAPolicy:
     def __init__(self, model, tokenizer, norm_stats: NormStats | None, device="cpu", *, decode_impl: str = "fast",
-                 unnorm_key: str | None = None):
+                 unnorm_key: str | None = None, action_convention: str = IDENTITY):
         check_model(model)
         if decode_impl not in IMPLS:
             raise ValueError(f"unknown decoding implementation {decode_impl!r}; use one of {IMPLS}")
@@ -54,6 +56,8 @@ class VLAPolicy:
         self.tokenizer = tokenizer
         self.norm_stats = norm_stats
         self.unnorm_key = unnorm_key  # the dataset norm_stats came from (OpenVLA); saved under that name
+        # decoded actions -> env actions (action_convention.py): e.g. OpenVLA-LIBERO's gripper; saved with the policy
+        self.action_convention = check_convention(action_convention)
         self.device = torch.device(device)
         self.decode_impl = decode_impl  # decode.decode_actions: "fast" | "static" | "dynamic" (references)
         # the bins count back from the end of the action slice (OpenVLA: 32000, below the padded LM head)
@@ -137,8 +141,7 @@ class VLAPolicy:
         out = decode_actions(self.model, embeds, mask, pos, temperature=temperature, greedy=greedy,
                              generator=generator, impl=self.decode_impl, capture_layer=capture_layer)
         values = self._values(embeds, mask, pos, out.prompt_hidden)
-        norm = self.action_tokenizer.decode_torch(out.tokens)
-        actions = self.norm_stats.unnormalize(norm) if self.norm_stats is not None else norm
+        actions = self.actions_from_tokens(out.tokens)
         frozen = None
         if capture_layer is not None:
             steps = out.frozen_hidden.shape[1] - mask.shape[1]
@@ -195,7 +198,14 @@ class VLAPolicy:
             embeds, mask, pos = self.model.prompt_embeds(vision_feats, states, text_ids, text_mask)
         return self._prompt_values(embeds, mask, pos)
 
+    def actions_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Action token ids [B, 7] -> env actions (bin centres, q01/q99 un-normalisation, action convention)."""
+        norm = self.action_tokenizer.decode_torch(tokens)
+        actions = self.norm_stats.unnormalize(norm) if self.norm_stats is not None else norm
+        return to_env(actions, self.action_convention)
+
     def tokens_from_actions(self, actions: np.ndarray) -> torch.Tensor:
-        """Env-unit actions -> action token ids (normalise with q01/q99, then bin)."""
+        """Env actions -> action token ids: ``actions_from_tokens`` undone (convention, normalisation, bins)."""
+        actions = from_env(actions, self.action_convention)
         norm = self.norm_stats.normalize(actions) if self.norm_stats is not None else actions
         return torch.as_tensor(self.action_tokenizer.encode(norm), device=self.device)

@@ -117,3 +117,14 @@ def enable_gradient_checkpointing(model) -> None:
         dec.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise ValueError(f"{type(dec).__name__} has no gradient checkpointing (transformers *Model decoders have it)")
+
+
+def update_mode(module: nn.Module) -> None:
+    """The mode of a PPO update: eval everywhere (no dropout, batch norm on its running statistics), so
+    the update scores exactly the policy the rollout sampled and the first ratio is 1; only the flag that
+    gradient checkpointing reads (``module.training`` of a module with ``gradient_checkpointing`` on)
+    is set, on that module alone, since transformers checkpoints only in training mode."""
+    module.eval()
+    for m in module.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True

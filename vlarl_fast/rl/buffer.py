@@ -16,20 +16,27 @@ from ..policy.policy import FrozenInputs
 
 class RolloutBuffer:
     """Observation and state storage take their shape and dtype from the first ``add``: cached features
-    differ by model (and are bf16 for a bf16 tower), images by env, proprio by suite."""
+    differ by model (and are bf16 for a bf16 tower), images by env, proprio by suite.
 
-    def __init__(self, num_steps: int, num_envs: int):
+    The [T, N] scalars GAE reads (values, next values, rewards, episode flags) live on ``device``, the
+    policy's: values arrive there from the policy without a per-step copy to the host, GAE runs there (its
+    Triton kernel on a GPU), and the advantages and returns it gives stay there for the update. Everything
+    else (observations, tokens, log-probs) stays in host memory, which holds the rollout at any size."""
+
+    def __init__(self, num_steps: int, num_envs: int, device: torch.device | str = "cpu"):
         T, N = num_steps, num_envs
         self.T, self.N = T, N
+        self.device = torch.device(device)
         self.obs: torch.Tensor | None = None
         self.states: torch.Tensor | None = None
         self.tokens = torch.zeros(T, N, ACTION_DIM, dtype=torch.long)
         self.logprobs = torch.zeros(T, N, ACTION_DIM)
-        self.values = torch.zeros(T, N)
-        self.next_values = torch.zeros(T, N)
-        self.rewards = torch.zeros(T, N)
-        self.terminated = torch.zeros(T, N)
-        self.episode_end = torch.zeros(T, N)
+        on_device = dict(dtype=torch.float32, device=self.device)
+        self.values = torch.zeros(T, N, **on_device)
+        self.next_values = torch.zeros(T, N, **on_device)
+        self.rewards = torch.zeros(T, N, **on_device)
+        self.terminated = torch.zeros(T, N, **on_device)
+        self.episode_end = torch.zeros(T, N, **on_device)
         self.instructions: list[list[str]] = [[""] * N for _ in range(T)]
         self.frozen: list[FrozenInputs | None] = [None] * T
 

@@ -50,7 +50,7 @@ def count_episodes(tasks: list[str], init_states: int, episodes_per_state: int,
 def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_per_state: int,
              num_envs: int, image_size: int | None, seed: int, greedy: bool, temperature: float,
              progress=None, episodes_per_task: int | None = None, env_options: dict | None = None,
-             record: int = 0, backend: str = "inprocess") -> dict:
+             record: int = 0, backend: str = "inprocess", render_device: str = "auto") -> dict:
     """Returns {"per_task": {task: success rate}, "success": mean over episodes, "episodes": n, "env_steps": n,
     "per_state": {task: [success rate per initial state]}}, plus "videos": {task: [{"init_state", "success",
     "frames" [T, H, W, 3]}]} for the first ``record`` episodes of each task."""
@@ -66,7 +66,8 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
     opts = dict(env_options or {})
     fns = [(lambda t=t, i=i: make_env(t, image_size=image_size, seed=seed + 7919 * i, **opts))
            for i, t in enumerate(slot_task)]
-    venv = VectorEnv(fns, autoreset=False, backend=backend)
+    venv = VectorEnv(fns, autoreset=False, backend=backend,
+                     **({"render_devices": render_device} if backend == "process" else {}))
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     results: dict[str, list[bool]] = {t: [] for t in tasks}
     by_state: dict[str, list[list[bool]]] = {t: [[] for _ in range(n_states[t])] for t in tasks}
@@ -98,7 +99,7 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
             instructions = venv.instructions
             out = policy.act(batch["image"], batch["state"], [instructions[i] for i in ids],
                              temperature=temperature, greedy=greedy, generator=gen)
-            _, _, term, trunc, info = venv._step_ids(out.actions, ids)
+            _, _, term, trunc, info = venv.step_envs(out.actions, ids)
             env_steps += len(ids)
             still = []
             for j, i in enumerate(ids):

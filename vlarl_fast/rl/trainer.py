@@ -3,8 +3,10 @@
 Where this departs from textbook PPO, on purpose:
 - an action is 7 tokens; its log-prob is the sum of the token log-probs, so there is one ratio,
   one value and one reward per environment step (an episode is a multi-turn conversation);
-- the old log-probs are the ones the rollout pass sampled with, never recomputed in the update
-  (recomputing them inside the update makes the first ratio identically 1);
+- the old log-probs are those of the policy that sampled the rollout, taken before the first epoch:
+  the rollout pass's own, or (``--ppo.recompute-logprobs``; on by default for a bfloat16 model) the
+  update's forward run over the rollout once without gradients, so that the ratio compares the
+  update's arithmetic with itself and starts at 1 (the rollout decoder's differ in bfloat16);
 - a time-limit truncation bootstraps from V(final observation) instead of counting as failure;
 - the first ``critic_warmup`` iterations update only the critic (value head);
 - the clip range may be asymmetric (clip_low, clip_high);
@@ -24,6 +26,8 @@ from ..config import PPOConfig
 from ..envs import VectorEnv
 from ..kernels import gae
 from ..policy import VLAPolicy
+from ..policy.precision import MasterWeights, check_float32_optimizer, rollout_matches_update, upcast_
+from ..policy.protocol import update_mode
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
 from .online_data import SuccessfulEpisodes
@@ -46,6 +50,11 @@ class IterationStats:
     explained_variance: float
     critic_only: bool
     skipped_updates: int
+    # the first minibatch of the first epoch, before any step: its ratio should be 1 (docs/precision.md)
+    first_ratio_error: float = math.nan   # max |ratio - 1|
+    first_approx_kl: float = math.nan
+    first_clipfrac: float = math.nan
+    rollout_logp_gap: float = math.nan    # mean |rollout log-prob - recomputed log-prob| per action
 
 
 def freeze_below_top_layers(model, k: int) -> None:
@@ -75,6 +84,26 @@ def train_lora_only(model, cfg: PPOConfig) -> None:
     value_ids = {id(p) for p in model.value_head.parameters()}
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or id(p) in value_ids)
+
+
+def float32_training(policy: VLAPolicy, trained: list[torch.nn.Parameter]) -> MasterWeights:
+    """Float32 weights for whatever is trained: LoRA adapters and value heads become float32 in place (they
+    cast their inputs to their own dtype, so they run over a bfloat16 base as they are); every other trained
+    16-bit weight gets a float32 master copy (``precision.MasterWeights``). Nothing changes in a float32
+    model."""
+    heads = list(policy.model.value_head.parameters())
+    if policy.critic is not None:
+        heads += list(policy.critic.value_head.parameters())
+    adapters = [p for n, p in policy.model.named_parameters() if "lora_" in n]
+    upcast_([p for p in heads + adapters if p.requires_grad])
+    return MasterWeights(trained)
+
+
+def resolve_recompute_logprobs(name: str, model) -> bool:
+    """--ppo.recompute-logprobs: 'auto' recomputes unless the rollout and the update agree in float32."""
+    if name not in ("auto", "on", "off"):
+        raise ValueError(f"unknown --ppo.recompute-logprobs {name!r}; use auto, on or off")
+    return name == "on" or (name == "auto" and not rollout_matches_update(model))
 
 
 def frozen_layer_cache(policy: VLAPolicy, cfg: PPOConfig) -> int | None:
@@ -113,11 +142,15 @@ class PPOTrainer:
         value_params = policy.value_parameters()
         value_ids = {id(p) for p in value_params} | {id(p) for p in model.value_head.parameters()}
         policy_params = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
+        self.masters = float32_training(policy, policy_params + value_params)
         self.optimizer = torch.optim.Adam([
-            {"params": policy_params, "lr": cfg.learning_rate},
-            {"params": value_params, "lr": cfg.critic_learning_rate}], eps=1e-5)
+            {"params": self.masters.of(policy_params), "lr": cfg.learning_rate},
+            {"params": self.masters.of(value_params), "lr": cfg.critic_learning_rate}], eps=1e-5)
+        check_float32_optimizer(self.optimizer)
+        self.recompute_logprobs = resolve_recompute_logprobs(cfg.recompute_logprobs, model)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
-        self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs)
+        # GAE reads the buffer's rewards, values and flags where they live: on the policy's device
+        self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, device=policy.device)
         self.first_layer = frozen_layer_cache(policy, cfg)
         self.obs, _ = envs.reset(seed=seed)
         self.iteration = 0
@@ -135,7 +168,7 @@ class PPOTrainer:
                           generator=self.generator, capture_layer=self.first_layer)
             obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(self.obs["image"])
             buf.add(t, obs_store, torch.as_tensor(self.obs["state"]), out.tokens.cpu(), out.logprobs.cpu(),
-                    out.values.cpu(), instructions, None if out.frozen is None else out.frozen.to("cpu"))
+                    out.values, instructions, None if out.frozen is None else out.frozen.to("cpu"))
             if self.recorder is not None:
                 self.recorder.record(self.obs["image"], self.obs["state"], out.tokens.cpu().numpy(), instructions)
             next_obs, reward, term, trunc, info = self.envs.step(out.actions)
@@ -149,7 +182,7 @@ class PPOTrainer:
             if len(trunc_ids):
                 fo = info["final_obs"]
                 buf.next_values[t, trunc_ids] = pol.value(fo["image"][trunc_ids], fo["state"][trunc_ids],
-                                                          [instructions[i] for i in trunc_ids]).cpu()
+                                                          [instructions[i] for i in trunc_ids])
             for j in np.flatnonzero(info["done"]):
                 successes.append(bool(info["success"][j]))
                 if self.recorder is not None:
@@ -160,7 +193,7 @@ class PPOTrainer:
                 returns.append(float(info["episode_return"][j]))
             self.obs = next_obs
             self.global_step += self.envs.num_envs
-        last_values = pol.value(self.obs["image"], self.obs["state"], self.envs.instructions).cpu()
+        last_values = pol.value(self.obs["image"], self.obs["state"], self.envs.instructions)
         # next_values_t = V(s_{t+1}) for steps that did not end an episode
         following = torch.cat([buf.values[1:], last_values[None]], 0)
         ended = buf.episode_end.bool()
@@ -178,27 +211,34 @@ class PPOTrainer:
         adv_flat, ret_flat = advantages.reshape(B), returns.reshape(B)
         if cfg.norm_adv_per_task:
             names = {s: i for i, s in enumerate(sorted(set(data["instructions"])))}
-            groups = torch.tensor([names[s] for s in data["instructions"]])
+            groups = torch.tensor([names[s] for s in data["instructions"]], device=adv_flat.device)
             adv_flat = normalize_advantages_grouped(adv_flat, groups)
         old_logp = data["logprobs"].sum(-1)
         model = pol.model
-        model.train()
-        # batch-norm statistics stay those of the rollout, so the update scores the same policy
-        model.vision_tower.eval()
+        for m in (model, pol.critic):
+            if m is not None:
+                update_mode(m)   # no dropout: the update scores exactly the policy that sampled the rollout
+        check_float32_optimizer(self.optimizer)
+        self.masters.refresh()   # weights a supervised stage changed since the last update are the truth
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         rng = np.random.default_rng(self.iteration)
         stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
         skipped = 0
         mb = min(cfg.minibatch_size, B)
+        perms = [rng.permutation(B) for _ in range(cfg.update_epochs)]
+        out = {}
+        if not critic_only and self.recompute_logprobs:
+            recomputed = self._behaviour_logprobs(data, perms[0], mb)
+            out["rollout_logp_gap"] = float((recomputed - old_logp.to(recomputed.device)).abs().mean())
+            old_logp = recomputed
         stop = False
-        for epoch in range(cfg.update_epochs):
-            perm = rng.permutation(B)
+        for epoch, perm in enumerate(perms):
             for start in range(0, B, mb):
                 idx = perm[start:start + mb]
                 tokens = data["tokens"][idx].to(pol.device)
                 logp, ent_tok, values = self._score(data, idx, tokens, critic_only)
                 if critic_only:
-                    v_loss = 0.5 * ((values.cpu() - ret_flat[idx]) ** 2).mean()
+                    v_loss = 0.5 * ((values - ret_flat[idx]) ** 2).mean()
                     loss = cfg.vf_coef * v_loss
                     pg_loss = ent = kl = cf = torch.zeros(())
                 else:
@@ -210,17 +250,23 @@ class PPOTrainer:
                                                          clip_low=cfg.clip_low, clip_high=cfg.clip_high)
                     ent = ent_tok.mean()
                     loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                    if epoch == 0 and start == 0:
+                        ratio = (logp.detach().sum(-1) - old_logp[idx].to(pol.device)).exp()
+                        out.update(first_ratio_error=float((ratio - 1).abs().max()), first_approx_kl=float(kl),
+                                   first_clipfrac=float(cf))
                 if not torch.isfinite(loss):
                     skipped += 1
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.masters.grads_to_masters()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 self.optimizer.step()
+                self.masters.masters_to_model()
                 for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", ent), ("approx_kl", kl),
                              ("clipfrac", cf)):
                     stats[k].append(float(v.detach()))
@@ -230,9 +276,23 @@ class PPOTrainer:
             if stop:
                 break
         model.eval()
-        out = {k: (float(np.mean(v)) if v else math.nan) for k, v in stats.items()}
+        if pol.critic is not None:
+            pol.critic.eval()
+        out.update({k: (float(np.mean(v)) if v else math.nan) for k, v in stats.items()})
         out["explained_variance"] = explained_variance(buf.values.reshape(-1), ret_flat)
         out["skipped_updates"] = skipped
+        return out
+
+    @torch.no_grad()
+    def _behaviour_logprobs(self, data: dict, perm: np.ndarray, mb: int) -> torch.Tensor:
+        """Action log-probs [B] of the whole rollout by the update's own forward (``_score``), in the first
+        epoch's minibatches: the same rows padded together and the same shapes as the first epoch, so the
+        first minibatch's ratio is taken between two runs of one computation."""
+        out = torch.empty(len(perm), device=self.policy.device)
+        for start in range(0, len(perm), mb):
+            idx = perm[start:start + mb]
+            logp, _, _ = self._score(data, idx, data["tokens"][idx].to(self.policy.device), False)
+            out[torch.as_tensor(idx, device=out.device)] = logp.sum(-1).float()
         return out
 
     def _score(self, data: dict, idx: np.ndarray, tokens: torch.Tensor, critic_only: bool):
@@ -264,4 +324,6 @@ class PPOTrainer:
             episode_return=float(np.mean(roll["returns"])) if n else math.nan,
             pg_loss=upd["pg_loss"], v_loss=upd["v_loss"], entropy=upd["entropy"], approx_kl=upd["approx_kl"],
             clipfrac=upd["clipfrac"], explained_variance=upd["explained_variance"], critic_only=critic_only,
-            skipped_updates=upd["skipped_updates"])
+            skipped_updates=upd["skipped_updates"],
+            **{k: upd[k] for k in ("first_ratio_error", "first_approx_kl", "first_clipfrac", "rollout_logp_gap")
+               if k in upd})

@@ -10,6 +10,9 @@ The directory is what ``openvla/openvla-7b`` (and its fine-tunes) ship:
     preprocessor_config.json          optional: per-tower sizes, means and stds
     vlarl_value_head.safetensors      optional, vlarl-fast's own: the critic's weights (OpenVLA has none)
 
+config.json may also hold vlarl-fast's own keys, which OpenVLA's code ignores: ``vlarl_extra`` (training
+stage...) and ``vlarl_action_convention`` (how decoded actions become env actions).
+
 The model is built with its parameters on the meta device, so a 7B checkpoint costs its weights' memory
 once, then every tensor is checked by name and shape (``names.py``) and assigned.
 """
@@ -28,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaTokenizer
 
+from ..action_convention import AUTO, ActionConventionError, resolve_convention
 from ..action_tokenizer import ACTION_DIM, NormStats
 from ..checkpoint import CheckpointError
 from ..lora import load_adapter
@@ -42,6 +46,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 STATS = "dataset_statistics.json"
 PREPROCESSOR = "preprocessor_config.json"
 VALUE_HEAD_FILE = "vlarl_value_head.safetensors"
+CONVENTION_KEY = "vlarl_action_convention"  # in config.json, beside vlarl_extra: OpenVLA's code ignores both
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 LAYOUT = ("config.json, model.safetensors.index.json + its shards (or model.safetensors), tokenizer files "
           "and dataset_statistics.json")
@@ -62,6 +67,7 @@ class OpenVLABundle:
     norm_stats: NormStats | None
     unnorm_key: str | None
     path: Path
+    action_convention: str = "identity"   # decoded -> env actions (policy/action_convention.py)
 
 
 def is_openvla_checkpoint(path: str | os.PathLike) -> bool:
@@ -126,6 +132,17 @@ def read_norm_stats(path: Path, config: OpenVLAConfig, unnorm_key: str | None) -
     mask = a.get("mask", [True] * dim)
     return unnorm_key, NormStats(q01=list(a["q01"]), q99=list(a["q99"]), mask=list(mask),
                                  mean=a.get("mean"), std=a.get("std"))
+
+
+def read_action_convention(path: Path, requested: str, unnorm_key: str | None) -> str:
+    """``requested``, or for 'auto' the convention config.json records (a checkpoint saved here), else the one
+    the statistics key implies: OpenVLA's LIBERO fine-tunes (``libero_*``) flip and binarise the gripper."""
+    recorded = json.loads((path / CONFIG).read_text()).get(CONVENTION_KEY)
+    try:
+        return resolve_convention(requested, recorded=recorded, unnorm_key=unnorm_key)
+    except ActionConventionError as e:
+        where = f" ({path / CONFIG} records {recorded!r} under {CONVENTION_KEY})" if requested == AUTO else ""
+        raise OpenVLACheckpointError(f"{e}{where}") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -216,17 +233,20 @@ def read_value_head(model: OpenVLAModel, path: Path, value_hidden: int | None, d
 
 def load_openvla(path: str | os.PathLike, *, unnorm_key: str | None = None, device="cpu",
                  dtype: torch.dtype | None = None, attn_implementation: str | None = None,
-                 value_hidden: int | None = None, value_detach: bool | None = None) -> OpenVLABundle:
+                 value_hidden: int | None = None, value_detach: bool | None = None,
+                 action_convention: str = AUTO) -> OpenVLABundle:
     """Load model, tokenizer, image processor and the ``unnorm_key`` action statistics.
 
     ``dtype`` None keeps the stored dtype (OpenVLA ships bf16); buffers stay float32 either way. A value head
     stored beside the weights (``vlarl_value_head.safetensors``) is loaded; without one, ``value_hidden`` adds a
-    fresh zero-output head of that width (float32 on ``device``)."""
+    fresh zero-output head of that width (float32 on ``device``). ``action_convention``: see
+    ``read_action_convention``."""
     path = Path(path)
     config = read_config(path)
     files = weight_files(path)
     tokenizer = read_tokenizer(path, config)
     key, stats = read_norm_stats(path, config, unnorm_key)
+    convention = read_action_convention(path, action_convention, key)
     if (path / PREPROCESSOR).is_file():
         processor = ImageProcessor.from_preprocessor_config(json.loads((path / PREPROCESSOR).read_text()), config)
     else:
@@ -247,4 +267,4 @@ def load_openvla(path: str | os.PathLike, *, unnorm_key: str | None = None, devi
     read_value_head(model, path, value_hidden, value_detach)
     load_adapter(model, path)
     model.eval()
-    return OpenVLABundle(model, tokenizer, config, processor, stats, key, path)
+    return OpenVLABundle(model, tokenizer, config, processor, stats, key, path, convention)

@@ -18,6 +18,7 @@ state dict (real or meta tensors).
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -90,8 +91,25 @@ def _qkv(ours_prefix: str, names: tuple[str, str, str], theirs: str) -> list[Lin
             for p in ("weight", "bias")]
 
 
+@functools.cache
+def dinov2_attention_names() -> tuple[tuple[str, str, str], str]:
+    """The q/k/v and output projections inside a DINOv2 block's ``attention``, as this transformers release
+    names them: ``attention.query`` .. ``output.dense`` up to 5.17 at least, ``q_proj`` .. ``o_proj`` in later
+    releases. Read off a one-block model of width 4, so a third layout fails ``check_coverage`` by name; built
+    on the meta device, so it neither allocates nor draws from the random generator."""
+    from transformers import Dinov2WithRegistersConfig
+    from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer
+    cfg = Dinov2WithRegistersConfig(hidden_size=4, num_attention_heads=1, num_hidden_layers=1, qkv_bias=True)
+    with torch.device("meta"):
+        names = {n for n, _ in Dinov2WithRegistersLayer(cfg).attention.named_parameters()}
+    if "attention.query.weight" in names:
+        return ("attention.query", "attention.key", "attention.value"), "output.dense"
+    return ("q_proj", "k_proj", "v_proj"), "o_proj"
+
+
 def _dinov2_links(o: str, t: str, spec: ViTSpec) -> list[Link]:
     e = f"{o}.embeddings"
+    qkv, out = dinov2_attention_names()
     links = [
         Link((f"{e}.cls_token", f"{e}.position_embeddings"), (f"{t}.cls_token", f"{t}.pos_embed"),
              _fold_cls_pos, _unfold_cls_pos),
@@ -103,8 +121,8 @@ def _dinov2_links(o: str, t: str, spec: ViTSpec) -> list[Link]:
         a, b = f"{o}.encoder.layer.{i}", f"{t}.blocks.{i}"
         links += [
             *_wb(f"{a}.norm1", f"{b}.norm1"),
-            *_qkv(f"{a}.attention", ("q_proj", "k_proj", "v_proj"), f"{b}.attn.qkv"),
-            *_wb(f"{a}.attention.o_proj", f"{b}.attn.proj"),
+            *_qkv(f"{a}.attention", qkv, f"{b}.attn.qkv"),
+            *_wb(f"{a}.attention.{out}", f"{b}.attn.proj"),
             _rename(f"{a}.layer_scale1.lambda1", f"{b}.ls1.scale_factor"),
             *_wb(f"{a}.norm2", f"{b}.norm2"),
             *_wb(f"{a}.mlp.fc1", f"{b}.mlp.fc1"),

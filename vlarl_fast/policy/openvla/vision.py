@@ -30,7 +30,10 @@ def build_tower(spec: ViTSpec) -> nn.Module:
         hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         intermediate_size=spec.mlp_dim, patch_size=spec.patch_size, image_size=spec.image_size,
         hidden_act=spec.hidden_act, layer_norm_eps=1e-6, vision_use_head=True)
-    return SiglipVisionModel(cfg)
+    model = SiglipVisionModel(cfg)
+    # older transformers releases nest the tower in ``vision_model``; that inner module has the later releases'
+    # layout (embeddings, encoder, post_layernorm, head), so the tensor names are the same on every release
+    return getattr(model, "vision_model", model)
 
 
 def _prefix_tokens(spec: ViTSpec) -> int:
@@ -40,9 +43,15 @@ def _prefix_tokens(spec: ViTSpec) -> int:
 def tower_features(tower: nn.Module, spec: ViTSpec, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch tokens after block ``num_layers - 2`` (0-based), before any final norm: [B, patches, width]."""
     h = tower.embeddings(pixel_values)
-    layers = tower.encoder.layer if spec.kind == "dinov2" else tower.encoder.layers
-    for layer in layers[: spec.num_layers - 1]:
-        h = layer(h, None)
+    # Only the hidden states go positionally, anything else by keyword: DINOv2's block takes no second argument
+    # in some 5.x releases and an optional attention mask in others, while SigLIP's block requires
+    # ``attention_mask``, so a positional extra breaks on one release or another.
+    if spec.kind == "dinov2":
+        for layer in tower.encoder.layer[: spec.num_layers - 1]:
+            h = layer(h)
+    else:
+        for layer in tower.encoder.layers[: spec.num_layers - 1]:
+            h = layer(h, attention_mask=None)
     return h[:, _prefix_tokens(spec):]
 
 

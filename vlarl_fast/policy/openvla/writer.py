@@ -15,10 +15,11 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
+from ..action_convention import check_convention
 from ..action_tokenizer import NormStats
 from ..atomic_dir import atomic_directory
 from ..lora import base_state_dict, save_adapter
-from .loader import CONFIG, PREPROCESSOR, STATS, VALUE_HEAD_FILE, WEIGHTS, WEIGHTS_INDEX
+from .loader import CONFIG, CONVENTION_KEY, PREPROCESSOR, STATS, VALUE_HEAD_FILE, WEIGHTS, WEIGHTS_INDEX
 from .model import OpenVLAModel
 from .names import to_openvla
 from .preprocess import ImageProcessor
@@ -46,13 +47,17 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
 def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
                  norm_stats: Mapping[str, NormStats | dict] | None = None, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = 5 * 1024**3, image_processor: ImageProcessor | None = None,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, action_convention: str | None = None) -> Path:
     """Write config.json, safetensors shards (+ index when more than one), tokenizer files,
     dataset_statistics.json (``{dataset: {"action": ...}}``, also copied into config.json's norm_stats as
     OpenVLA does) and preprocessor_config.json. A value head, if the model has one, goes to its own file
     (``vlarl_value_head.safetensors``) that OpenVLA's code never reads; ``extra`` (training stage, step...)
-    goes under config.json's ``vlarl_extra`` key, which OpenVLA's config ignores."""
+    goes under config.json's ``vlarl_extra`` key, which OpenVLA's config ignores, and ``action_convention``
+    under ``vlarl_action_convention`` (None: not recorded, so the loader infers it from the statistics key, as
+    for a checkpoint released elsewhere)."""
     path = Path(path)
+    if action_convention is not None:
+        check_convention(action_convention)
     config = model.config
     stats = {k: stats_entry(v) for k, v in (norm_stats or {}).items()} or config.norm_stats
     tensors = to_openvla(base_state_dict(model.openvla_state_dict()), config)
@@ -64,6 +69,8 @@ def save_openvla(model: OpenVLAModel, tokenizer, path: str | os.PathLike, *,
         cfg["norm_stats"] = stats
         if extra:
             cfg["vlarl_extra"] = extra
+        if action_convention is not None:
+            cfg[CONVENTION_KEY] = action_convention
         if dtype is not None:
             cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
