@@ -366,6 +366,68 @@ def test_openvla_7b_shaped_bf16_first_ratio_and_act_throughput():
     _check_first_ratio(res, max_ratio_error=1e-2, max_kl=1e-3)
 
 
+# ---- PPO and iRe-VLA's supervised stage on the same bfloat16 weights ---------------------------------------
+def test_ppo_and_the_supervised_stage_keep_each_others_changes_to_bf16_weights():
+    """Both train the top layer through float32 masters of their own. Each takes the other's writes into its
+    masters before stepping, so a stage at learning rate 0 leaves the weights exactly as the other left
+    them; a stale master would write the old weight back."""
+    from vlarl_fast.policy import NormStats
+    from vlarl_fast.rl.ire import SupervisedStage
+    model = random_tiny_openvla(seed=2, value_hidden=16).to(BF16)
+    policy = VLAPolicy(model, build_llama_tokenizer(INSTR), None)
+    size = model.config.image_size
+    rng = np.random.default_rng(0)
+    expert = {"images": rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8),
+              "states": np.zeros((16, 1), np.float32), "actions": rng.uniform(-1, 1, (16, 7)).astype(np.float32),
+              "instructions": [INSTR[i % len(INSTR)] for i in range(16)]}
+    policy.norm_stats = NormStats.from_actions(expert["actions"])
+    cfg = PPOConfig(num_steps=2, minibatch_size=8, update_epochs=1, train_layers=1, critic_warmup=0,
+                    target_kl=None, learning_rate=1e-3)
+    tr = PPOTrainer(policy, _Envs(4), cfg, seed=0)
+    stage = SupervisedStage(policy, expert, steps=3, batch_size=8, learning_rate=1e-3, online_fraction=0.5,
+                            weight_decay=0.0)
+    top = model.decoder.layers[-1].mlp.down_proj.weight   # PPO's and the stage's
+    low = model.decoder.layers[0].mlp.down_proj.weight    # the stage's only
+    assert top.dtype == BF16 and low.dtype == BF16
+
+    def ppo(lr, seed):
+        lrs = _set_lr(tr, [lr, lr])
+        fill_rollout(tr, seed=seed)
+        tr.update(critic_only=False)
+        _set_lr(tr, lrs)
+
+    def ire(lr):
+        if stage.optimizer is not None:
+            for g in stage.optimizer.param_groups:
+                g["lr"] = lr
+        stage.run(None)
+
+    def now():
+        return top.detach().clone(), low.detach().clone()
+
+    t0, l0 = now()
+    ppo(1e-3, seed=0)
+    t1, _ = now()
+    assert not torch.equal(t1, t0)
+    ire(1e-3)
+    t2, l2 = now()
+    assert not torch.equal(t2, t1) and not torch.equal(l2, l0)
+    assert all(p.dtype == torch.float32 for g in stage.optimizer.param_groups for p in g["params"])
+    ppo(0.0, seed=1)                      # PPO continues from the stage's weights ...
+    assert torch.equal(top.detach(), t2)
+    ppo(1e-3, seed=2)
+    t3, _ = now()
+    assert not torch.equal(t3, t2) and torch.equal(low.detach(), l2)
+    ire(0.0)                              # ... and the stage from PPO's
+    assert torch.equal(top.detach(), t3) and torch.equal(low.detach(), l2)
+    ire(1e-3)
+    t4, l4 = now()
+    assert not torch.equal(t4, t3) and not torch.equal(l4, l2)
+    for p, m in stage.masters.pairs + tr.masters.pairs:
+        if p is top or p is low:
+            assert m.dtype == torch.float32 and p.dtype == BF16
+
+
 if __name__ == "__main__":   # the GPU check alone, without pytest: python tests/test_bf16_training.py
     if not torch.cuda.is_available():
         raise SystemExit("the 7B-shaped check needs a CUDA device")

@@ -10,24 +10,14 @@ tests/test_bf16_training.py beside their CPU twins. Figures worth keeping go to 
 ``VLARL_GPU_RESULTS`` when it is set.
 """
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
+from test_bf16_training import _record as record
 
 pytestmark = pytest.mark.gpu
-
-
-def record(key: str, value) -> None:
-    path = os.environ.get("VLARL_GPU_RESULTS")
-    if not path:
-        return
-    data = json.loads(open(path).read()) if os.path.exists(path) else {}
-    data[key] = value
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
 
 
 def test_extension_batch_on_this_numpy():

@@ -125,3 +125,59 @@ def test_stage_batch_split_and_empty_data(policy):
 def test_balanced_online_rows_give_every_task_the_same_share():
     w = SupervisedStage._row_weights(["a"] * 9 + ["b"])
     assert w[:9].sum() == pytest.approx(0.5) and w[9] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float32 weights for what the stage trains (docs/precision.md)
+# ---------------------------------------------------------------------------------------------
+def test_stage_on_a_float32_model_steps_the_model_weights_themselves(policy):
+    """No master copies for a float32 model: AdamW steps the very parameters it always stepped."""
+    stage = SupervisedStage(policy, _expert(), steps=1, batch_size=4, learning_rate=1e-4, online_fraction=0.5)
+    stage.run(None)
+    trainable = [p for n, p in policy.model.named_parameters() if not n.startswith("value_head.")]
+    assert not stage.masters.pairs
+    assert [id(p) for g in stage.optimizer.param_groups for p in g["params"]] == [id(p) for p in trainable]
+
+
+def _bf16_openvla_stage(steps, lr):
+    from vlarl_fast.policy import VLAPolicy
+    from vlarl_fast.policy.openvla import build_llama_tokenizer, random_tiny_openvla
+    model = random_tiny_openvla(seed=2, value_hidden=16).to(torch.bfloat16)
+    policy = VLAPolicy(model, build_llama_tokenizer(INSTR), None)
+    size = model.config.image_size
+    rng = np.random.default_rng(0)
+    expert = {"images": rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8),
+              "states": np.zeros((16, 1), np.float32), "actions": rng.uniform(-1, 1, (16, 7)).astype(np.float32),
+              "instructions": [INSTR[i % 2] for i in range(16)]}
+    policy.norm_stats = NormStats.from_actions(expert["actions"])
+    return SupervisedStage(policy, expert, steps=steps, batch_size=8, learning_rate=lr, online_fraction=0.5,
+                           weight_decay=0.0)
+
+
+def test_stage_on_a_bf16_model_steps_float32_masters_and_moves_what_bf16_adamw_cannot():
+    """20 steps at lr 5e-5: AdamW on the bfloat16 weights could not move any weight above 0.1 (its step, at
+    most ~3.2 lr = 1.6e-4, is below half a bfloat16 step there, > |w| 2^-9 = 2e-4); the float32 masters
+    accumulate the steps and carry the bfloat16 weights with them."""
+    stage = _bf16_openvla_stage(steps=20, lr=5e-5)
+    model = stage.policy.model
+    freeze_below_top_layers(model, 1)   # as PPO leaves it: the stage unfreezes all but the value head
+    watched = {n: p for n, p in model.named_parameters()
+               if p.dim() > 1 and n.startswith(("language_model.model.layers.", "projector."))}
+    before = {n: p.detach().clone() for n, p in watched.items()}
+    value0 = [p.detach().clone() for p in model.value_head.parameters()]
+    res = stage.run(None)
+    assert res["steps"] == 20 and np.isfinite(res["loss"])
+    # AdamW and its moments are float32; the model keeps its bfloat16 weights, rounded from the masters
+    opt = stage.optimizer
+    assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])
+    state = [s for s in opt.state.values() if s]
+    assert state and all(s[k].dtype == torch.float32 for s in state for k in ("exp_avg", "exp_avg_sq"))
+    master = dict((id(p), m) for p, m in stage.masters.pairs)
+    vision = [p for p in model.vision_backbone.parameters()]
+    assert all(id(p) in master for p in vision)   # what RL froze trains through masters too
+    for n, p in watched.items():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), master[id(p)].detach().to(torch.bfloat16)), n
+        big = before[n].abs() > 0.1
+        moved = ((p.detach() != before[n]) & big).sum() / big.sum()
+        assert moved > 0.2, (n, float(moved))   # measured: ~0.4
+    assert all(torch.equal(a, b) for a, b in zip(value0, model.value_head.parameters()))

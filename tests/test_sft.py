@@ -101,3 +101,142 @@ def test_resolve_bc_autocast():
     assert cpu_native_bf16() in (None, "amx", "avx512_bf16")
     with pytest.raises(PrecisionError, match="bc-autocast"):
         resolve_bc_autocast("fp8", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Float32 weights for what behaviour cloning trains (docs/precision.md)
+# ---------------------------------------------------------------------------------------------
+def test_sft_of_a_float32_model_is_plain_adamw_bit_for_bit():
+    """The default CPU run (tiny VLA in float32, bfloat16 autocast where the CPU has it): SFT steps the
+    model's own weights exactly as AdamW on them always did, the same losses and the same weights."""
+    from vlarl_fast.policy import NormStats
+    from vlarl_fast.policy.precision import mixed_precision, resolve_bc_autocast
+    from vlarl_fast.rl.sft import lr_factor, sft_train
+    images, states, instructions, actions = _bc_batch(12, 32, seed=3)
+    data = {"images": images, "states": states, "instructions": instructions, "actions": actions}
+    dtype = resolve_bc_autocast("auto", "cpu")
+    epochs, batch, lr, wd, warmup = 2, 8, 1e-3, 0.01, 1
+    torch.manual_seed(0)
+    p = _policy(32)
+    losses = sft_train(p, data, epochs=epochs, batch_size=batch, lr=lr, weight_decay=wd, seed=0,
+                       warmup_steps=warmup, autocast_dtype=dtype)
+
+    torch.manual_seed(0)
+    ref = _policy(32)
+    ref.norm_stats = NormStats.from_actions(actions)
+    tokens = ref.tokens_from_actions(actions)
+    model = ref.model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    steps = epochs * 2
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
+    rng = np.random.default_rng(0)
+    ref_losses = []
+    for _ in range(epochs):
+        perm, tot = rng.permutation(12), 0.0
+        for s in range(2):
+            idx = perm[s * batch:(s + 1) * batch]
+            imgs, st = ref.to_tensor_obs(images[idx], states[idx])
+            ids, mask = ref.encode_prompts([instructions[i] for i in idx])
+            with mixed_precision("cpu", dtype):
+                feats = model.encode_images(model.preprocess_images(imgs))
+                loss = -ref.evaluate_actions(feats, st, ids, mask, tokens[idx])[0].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 1.0)
+            opt.step()
+            sched.step()
+            tot += float(loss.detach()) * len(idx)
+        ref_losses.append(tot / 12)
+    assert losses == ref_losses
+    for (name, a), b in zip(p.model.named_parameters(), model.parameters()):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+
+
+OPENVLA_INSTR = ["pick up the black bowl and place it on the plate", "open the top drawer"]
+
+
+def _bf16_openvla_policy():
+    from vlarl_fast.policy import VLAPolicy
+    from vlarl_fast.policy.openvla import build_llama_tokenizer, random_tiny_openvla
+    model = random_tiny_openvla(seed=2, value_hidden=16).to(torch.bfloat16)
+    return VLAPolicy(model, build_llama_tokenizer(OPENVLA_INSTR), None)
+
+
+def _openvla_demos(n, image_size, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8),
+            "states": np.zeros((n, 1), np.float32), "actions": rng.uniform(-1, 1, (n, 7)).astype(np.float32),
+            "instructions": [OPENVLA_INSTR[i % 2] for i in range(n)]}
+
+
+def _watched(model):
+    # the language model's and the projector's matrices: every entry gets a gradient from the BC loss
+    return {n: p for n, p in model.named_parameters()
+            if p.dim() > 1 and n.startswith(("language_model.model.layers.", "projector."))}
+
+
+def test_bc_step_on_a_bf16_model_steps_float32_masters_by_what_bf16_would_lose():
+    from vlarl_fast.policy import NormStats
+    from vlarl_fast.rl.sft import bc_optimizer, bc_step
+    pol = _bf16_openvla_policy()
+    model = pol.model
+    data = _openvla_demos(8, model.config.image_size)
+    pol.norm_stats = NormStats.from_actions(data["actions"])
+    model.train()
+    trained = [q for q in model.parameters() if q.requires_grad]
+    opt, masters = bc_optimizer(pol, trained, lr=1e-5, weight_decay=0.0)
+    # the forward keeps the 16-bit weights; AdamW steps float32 tensors only
+    watched = _watched(model)
+    assert watched and all(q.dtype == torch.bfloat16 for q in watched.values())
+    assert all(q.dtype == torch.float32 for g in opt.param_groups for q in g["params"])
+    master = dict((id(q), m) for q, m in masters.pairs)
+    assert all(id(q) in master for q in watched.values())
+    assert all(q.dtype == torch.float32 for q in model.value_head.parameters())   # in place, as in PPO
+    before = {n: master[id(q)].detach().clone() for n, q in watched.items()}
+    loss = bc_step(pol, opt, data["images"], data["states"], data["instructions"],
+                   pol.tokens_from_actions(data["actions"]), masters=masters)
+    assert np.isfinite(loss)
+    state = [s for s in opt.state.values() if s]
+    assert state and all(s[k].dtype == torch.float32 for s in state for k in ("exp_avg", "exp_avg_sq"))
+    for n, q in watched.items():
+        m = master[id(q)].detach()
+        assert q.grad is None and torch.equal(q.detach(), m.to(torch.bfloat16)), n   # the model follows
+        delta = m - before[n]
+        rel = (delta.abs() / before[n].abs().clamp(min=1e-12)).median()
+        assert (delta != 0).float().mean() > 0.95 and 1e-5 < float(rel) < 1e-3, (n, float(rel))
+        # the same step on the bfloat16 weights themselves rounds away almost everywhere
+        w16 = before[n].to(torch.bfloat16)
+        assert ((w16 + delta.to(torch.bfloat16)) != w16).float().mean() < 0.1, n
+
+
+def test_bc_step_refuses_an_optimizer_over_bf16_weights():
+    from vlarl_fast.policy import NormStats
+    from vlarl_fast.policy.precision import PrecisionError
+    from vlarl_fast.rl.sft import bc_step
+    pol = _bf16_openvla_policy()
+    data = _openvla_demos(2, pol.model.config.image_size)
+    pol.norm_stats = NormStats.from_actions(data["actions"])
+    opt = torch.optim.AdamW(pol.model.parameters(), lr=1e-5)
+    with pytest.raises(PrecisionError, match="MasterWeights"):
+        bc_step(pol, opt, data["images"], data["states"], data["instructions"],
+                pol.tokens_from_actions(data["actions"]))
+
+
+def test_sft_on_a_bf16_openvla_moves_weights_that_bf16_adamw_cannot():
+    """20 steps at lr 5e-5 on a fixed batch: the float32 masters drift ~5e-4 and carry the bfloat16 weights
+    with them. AdamW on the bfloat16 weights cannot move any weight above 0.1 at all: its step is at most
+    ~3.2 lr = 1.6e-4 ((1 - beta1) / sqrt(1 - beta2)), below half a bfloat16 step there (> |w| 2^-9 = 2e-4),
+    so it rounds away every time (measured: 0 of them move)."""
+    from vlarl_fast.rl.sft import sft_train
+    pol = _bf16_openvla_policy()
+    model = pol.model
+    data = _openvla_demos(8, model.config.image_size)
+    watched = _watched(model)
+    before = {n: q.detach().clone() for n, q in watched.items()}
+    losses = sft_train(pol, data, epochs=20, batch_size=8, lr=5e-5, weight_decay=0.0, seed=0)
+    assert losses[-1] < losses[0]
+    for n, q in watched.items():
+        assert q.dtype == torch.bfloat16, n
+        big = before[n].abs() > 0.1
+        moved = ((q.detach() != before[n]) & big).sum() / big.sum()
+        assert moved > 0.3, (n, float(moved))   # measured: ~0.6

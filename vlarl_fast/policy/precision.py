@@ -14,6 +14,8 @@ inputs to their own weights' dtype, so they run over a bfloat16 base as is); eve
 weight keeps its 16-bit copy for the forward, and the optimiser steps a float32 master copy that is
 rounded back into it after each step. ``rollout_matches_update`` says when the rollout's log-probs
 must be recomputed by the update's own forward before the PPO ratio may be taken against them.
+Behaviour cloning (SFT, iRe-VLA's supervised stage) trains a bfloat16 model the same way
+(``rl/sft.py: bc_optimizer``).
 """
 from __future__ import annotations
 

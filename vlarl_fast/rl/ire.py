@@ -7,6 +7,10 @@ the expert demonstrations plus the policy's own successful episodes, a stable lo
 parameters it touches. Each batch takes ``online_fraction`` of its rows from the successful
 episodes and the rest from the demonstrations, so the new data carries weight as soon as there
 is any and the demonstrations keep anchoring what RL has not visited yet.
+
+A bfloat16 model is trained through float32 master copies, as PPO trains it (``sft.bc_optimizer``,
+docs/precision.md). The stage's copies live as long as its optimiser; PPO and the stage each take the
+other's writes to the shared weights into their own masters before stepping again.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import numpy as np
 import torch
 
 from ..policy import VLAPolicy
-from .sft import bc_step
+from ..policy.precision import MasterWeights
+from .sft import bc_optimizer, bc_step
 
 
 @contextmanager
@@ -51,6 +56,7 @@ class SupervisedStage:
         self.autocast_dtype = autocast_dtype
         self.rng = np.random.default_rng(seed)
         self.optimizer: torch.optim.Optimizer | None = None   # kept across stages (Adam moments stay warm)
+        self.masters: MasterWeights | None = None   # float32 copies of the 16-bit weights the optimiser steps
         self.stages = 0
 
     def _split(self, n_online_rows: int) -> tuple[int, int]:
@@ -83,7 +89,11 @@ class SupervisedStage:
         with all_trainable_but_value(model):
             if self.optimizer is None:
                 params = [p for p in model.parameters() if p.requires_grad]
-                self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+                self.optimizer, self.masters = bc_optimizer(pol, params, lr=self.lr, weight_decay=self.weight_decay)
+            else:
+                # PPO stepped some of these weights since the last stage: they, not the masters this stage
+                # left behind, are the weights to continue from
+                self.masters.refresh()
             model.train()
             for _ in range(self.steps):
                 parts = []
@@ -100,7 +110,7 @@ class SupervisedStage:
                 instructions = [s for p in parts for s in p[2]]
                 tokens = torch.cat([p[3] for p in parts])
                 losses.append(bc_step(pol, self.optimizer, images, states, instructions, tokens,
-                                      autocast_dtype=self.autocast_dtype))
+                                      autocast_dtype=self.autocast_dtype, masters=self.masters))
             model.eval()
         self.stages += 1
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "online_steps": n_on,

@@ -1,5 +1,9 @@
 """Supervised fine-tuning (behaviour cloning) on demonstrations: cross-entropy on the 7
-action tokens of each step, the whole model trained (vision tower included)."""
+action tokens of each step, the whole model trained (vision tower included).
+
+Adam steps float32 tensors only, as in PPO (docs/precision.md): a bfloat16 model keeps its 16-bit
+weights for the forward and ``bc_optimizer`` gives AdamW their float32 master copies
+(``precision.MasterWeights``); a float32 model trains exactly as with AdamW on its own weights."""
 from __future__ import annotations
 
 import math
@@ -8,7 +12,8 @@ import numpy as np
 import torch
 
 from ..policy import NormStats, VLAPolicy
-from ..policy.precision import mixed_precision
+from ..policy.precision import MasterWeights, check_float32_optimizer, mixed_precision
+from .trainer import float32_training
 
 
 def demos_to_arrays(episodes: list[dict]) -> dict:
@@ -35,13 +40,32 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def bc_optimizer(policy: VLAPolicy, params, *, lr: float, weight_decay: float
+                 ) -> tuple[torch.optim.AdamW, MasterWeights]:
+    """AdamW over ``params`` that steps float32 tensors only, and the master copies ``bc_step`` keeps in sync.
+
+    The split is PPO's (``trainer.float32_training``): LoRA adapters and value heads become float32 in place,
+    every other 16-bit weight gets a float32 master copy. On bfloat16 weights Adam's steps of a relative
+    1e-4 fall below half a bfloat16 step and round away; the masters accumulate them. A float32 model gets
+    no master copies: AdamW then steps its weights themselves."""
+    params = list(params)
+    masters = float32_training(policy, params)
+    opt = torch.optim.AdamW(masters.of(params), lr=lr, weight_decay=weight_decay)
+    check_float32_optimizer(opt)
+    return opt, masters
+
+
 def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, states: np.ndarray,
             instructions: list[str], tokens: torch.Tensor, *, augment_pad: int = 0,
-            generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None) -> float:
+            generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+            masters: MasterWeights | None = None) -> float:
     """One behaviour-cloning gradient step (mean token cross-entropy); returns the loss.
 
     ``autocast_dtype`` (e.g. bfloat16): the forward's matrix products in that dtype, the float32 weights
-    and optimiser untouched (``precision.resolve_bc_autocast`` picks it)."""
+    and optimiser untouched (``precision.resolve_bc_autocast`` picks it). ``masters``: the float32 master
+    copies ``opt`` steps in place of 16-bit weights (``bc_optimizer``); the model's weights are rounded from
+    them after the step. ``opt`` must step float32 tensors only (``PrecisionError`` otherwise)."""
+    check_float32_optimizer(opt)
     model = policy.model
     imgs, st = policy.to_tensor_obs(images, states)
     if augment_pad:
@@ -52,9 +76,20 @@ def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, s
         logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
         loss = -logp.mean()
     opt.zero_grad(set_to_none=True)
+    if masters is not None:
+        # the optimiser clears only the masters' gradients: a 16-bit one left by anything else would add
+        # into this step's
+        for p, _ in masters.pairs:
+            p.grad = None
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if masters is not None:
+        masters.grads_to_masters()
+        trained = masters.of(trained)
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
+    if masters is not None:
+        masters.masters_to_model()
     return float(loss.detach())
 
 
@@ -80,7 +115,8 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
     n = len(tokens)
     model = policy.model
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt, masters = bc_optimizer(policy, [p for p in model.parameters() if p.requires_grad], lr=lr,
+                                weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n / batch_size)
     total = max(1, epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps))
@@ -94,7 +130,7 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
             idx = perm[s * batch_size:(s + 1) * batch_size]
             loss = bc_step(policy, opt, data["images"][idx], data["states"][idx],
                            [data["instructions"][i] for i in idx], tokens[idx], augment_pad=augment_pad, generator=gen,
-                           autocast_dtype=autocast_dtype)
+                           autocast_dtype=autocast_dtype, masters=masters)
             sched.step()
             tot += loss * len(idx)
             cnt += len(idx)
