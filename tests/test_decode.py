@@ -195,3 +195,15 @@ def test_bad_decoding_arguments_are_explained(openvla):
         action_hidden(openvla.model, embeds, mask, pos, torch.zeros(2, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="2 observations but 1 instructions"):
         openvla.act(imgs, None, INSTR[:1])
+
+
+def test_decoding_uses_the_installed_transformers_cache_keyword(openvla):
+    """transformers 5.25 renamed the decoder's ``past_key_values`` to ``cache`` and removes the old name in
+    5.40: the reference decoders pass whichever the installed release takes, without a deprecation."""
+    import warnings
+    m = openvla.model
+    _, (embeds, mask, pos) = openvla._prompt(*_obs(openvla, 2), INSTR[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for impl in ("static", "dynamic"):
+            assert decode_actions(m, embeds, mask, pos, greedy=True, impl=impl).tokens.shape == (2, 7)

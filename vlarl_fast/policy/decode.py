@@ -45,6 +45,13 @@ IMPLS = ("fast", "compiled", "static", "dynamic")
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
+def _with_cache(decoder, kv) -> dict:
+    """The decoder's keyword for its KV cache: ``cache`` from transformers 5.25 on (``past_key_values``, the
+    older name, is removed in 5.40), ``past_key_values`` before."""
+    params = inspect.signature(type(decoder).forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": kv}
+
+
 @dataclass
 class Decoded:
     tokens: torch.Tensor         # [B, 7] int64 action ids
@@ -99,7 +106,7 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
             kv = StaticCache(config=dec.config, max_cache_len=S + steps)
             # the unwritten slots are in every query's future, so causality hides them: one mask for all steps
             masks = [full_mask] * ACTION_DIM
-        out = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, past_key_values=kv,
+        out = dec(inputs_embeds=embeds, attention_mask=masks[0], position_ids=pos, **_with_cache(dec, kv),
                   use_cache=True, output_hidden_states=capture)
         prompt_hidden = out.last_hidden_state
         frozen = [out.hidden_states[capture_layer]] if capture else None
@@ -121,7 +128,7 @@ def decode_actions(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.T
                 frozen.append(layer_input)
         else:
             o = dec(inputs_embeds=x, attention_mask=masks[k + 1], position_ids=positions[:, k:k + 1],
-                    past_key_values=kv, use_cache=True, output_hidden_states=capture)
+                    **_with_cache(dec, kv), use_cache=True, output_hidden_states=capture)
             h = o.last_hidden_state[:, -1]
             if capture:
                 frozen.append(o.hidden_states[capture_layer])

@@ -24,8 +24,8 @@ class VLAModel(Protocol):
     @property
     def decoder(self) -> nn.Module:
         """The causal LM without its head (a transformers ``*Model``): takes ``inputs_embeds``,
-        ``attention_mask`` [B, S], ``position_ids``, ``past_key_values``, ``use_cache`` and returns
-        ``last_hidden_state``."""
+        ``attention_mask`` [B, S], ``position_ids``, its KV cache (``cache``, or ``past_key_values`` before
+        transformers 5.25), ``use_cache`` and returns ``last_hidden_state``."""
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
