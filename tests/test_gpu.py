@@ -78,9 +78,12 @@ def test_smoke_train_on_cuda_with_default_backend(tmp_path):
                                 **{k: summary.get(k) for k in ("sft_success", "rl_success", "env_steps")}})
 
 
-def test_action_logprobs_triton_at_openvla_shape_bf16():
+def test_action_logprobs_triton_at_openvla_shape_bf16(monkeypatch):
     """Llama-2-7B's hidden size and OpenVLA's padded vocabulary; the 256 action ids are a slice."""
+    import test_kernels_logprobs
     from test_kernels_logprobs import _check_against_reference
+    # sums of 4096 products: float32 rounding in another order reaches ~1e-5 of the logits' scale
+    monkeypatch.setitem(test_kernels_logprobs.TOL, torch.bfloat16, dict(out=2e-5, grad=2e-2))
     V, H = 32064, 4096
     for N in (7, 7 * 64 + 3):
         _check_against_reference(N, H, V, torch.bfloat16, 32000 - 256, 32000, 1.0, backend="triton",

@@ -122,3 +122,25 @@ def test_demos_can_cover_more_scenes_than_the_initial_states():
     # an ordinary env still offers only the fixed set
     with pytest.raises(ValueError, match="init_state must be in"):
         make_env("tabletop/reach_red").reset(options={"init_state": n})
+
+
+def test_renderers_closed_after_the_display_is_gone_leave_nothing_to_free(monkeypatch):
+    """At exit another library's eglTerminate may run first; the renderers and their contexts must then be
+    dropped without a second attempt to free them (which prints 'Exception ignored' at interpreter exit)."""
+    from vlarl_fast.envs.tabletop import env as tabletop_env
+
+    class Context:
+        _context = object()
+
+    class Renderer:
+        def __init__(self):
+            self._gl_context = Context()
+
+        def close(self):
+            raise RuntimeError("EGL_NOT_INITIALIZED")
+
+    r = Renderer()
+    ctx = r._gl_context
+    monkeypatch.setattr(tabletop_env, "_RENDERERS", {(8, 8): r})
+    tabletop_env._close_renderers()
+    assert r._gl_context is None and ctx._context is None and not tabletop_env._RENDERERS

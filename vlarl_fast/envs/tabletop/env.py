@@ -64,8 +64,12 @@ def _close_renderers() -> None:
         try:
             r.close()
         except Exception:
-            # the GL library was shut down first (another backend's exit hook): nothing is left to free, and
-            # the renderer's own __del__ must not try again and print an error at interpreter exit
+            # the GL library was shut down first (another backend's exit hook, e.g. robosuite's eglTerminate
+            # registered after this one): nothing is left to free, and neither the renderer's __del__ nor its
+            # context's must try again and print an error at interpreter exit
+            ctx = getattr(r, "_gl_context", None)
+            if ctx is not None and hasattr(ctx, "_context"):
+                ctx._context = None
             r._gl_context = None
 
 
