@@ -1,6 +1,6 @@
 """Fused kernels of the PPO update, installed as ``vlarl_fast.kernels``.
 
-``action_logprobs`` and ``gae`` keep the contracts of DESIGN.md §4; each has a readable
+``action_logprobs`` and ``gae`` keep the public contracts their docstrings state; each has a readable
 reference beside it that the tests compare against. Both pick their implementation by device:
 Triton kernels for CUDA tensors, chunked / scanned torch code on the CPU; ``backend=`` forces one.
 Triton is imported only when a Triton path is used, so ``TRITON_INTERPRET=1`` can still be set

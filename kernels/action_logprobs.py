@@ -3,7 +3,7 @@
     action_logprobs(hidden [N,H], weight [V,H], targets [N]) ==
         log_softmax((hidden @ weight[vocab_start:vocab_end].T).float() / temperature)[targets - vocab_start]
 
-Three implementations of one contract (DESIGN.md §4):
+Three implementations of one public contract:
 
 - ``action_logprobs_reference``: the readable definition above (slice-only log_softmax + gather).
   Every fast path is tested against it, outputs and gradients.

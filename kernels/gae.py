@@ -1,6 +1,6 @@
 """Generalised advantage estimation over time-major [T, N] rollouts.
 
-The recurrence (DESIGN.md §4) is
+The recurrence (the public contract) is
 
     delta_t = r_t + gamma * (1 - terminated_t) * next_values_t - values_t
     A_t     = delta_t + gamma * lam * (1 - episode_end_t) * A_{t+1}          (A_T = 0)

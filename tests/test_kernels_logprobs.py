@@ -1,7 +1,7 @@
 """action_logprobs: every output and gradient of both backends against a readable torch reference.
 
 The reference below is written out again on purpose (not imported from the package): it is the
-contract of DESIGN.md §4 in three lines. The Triton backend runs compiled on a CUDA machine and
+public contract in three lines. The Triton backend runs compiled on a CUDA machine and
 under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors, tiny shapes) otherwise.
 """
 import importlib

@@ -3,7 +3,7 @@
 MuJoCo reads ``MUJOCO_GL`` when it first creates a context, so the choice is made before the
 first renderer exists. Probing creates a throw-away context in the calling process only when
 asked (first env creation, or ``vlarl-fast info``), never at import: a GL context must not be
-inherited by forked workers (DESIGN.md §7).
+inherited by forked workers (a child inheriting an EGL context through fork hangs silently).
 """
 from __future__ import annotations
 

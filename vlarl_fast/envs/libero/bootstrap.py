@@ -1,6 +1,6 @@
 """LIBERO set-up without prompts or downloads: its config file, its assets folder, its import.
 
-Two habits of the `libero` package get in the way of a library (DESIGN.md §8):
+Two habits of the `libero` package get in the way of a library:
 
 - ``import libero.libero`` asks on stdin for a dataset folder unless ``$LIBERO_CONFIG_PATH/config.yaml``
   (default ``~/.libero/config.yaml``) exists; without a terminal that prompt hangs or dies on EOF. So before
