@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from vlarl_fast.envs.balance import (assign_devices, device_loads, narrow_by_cuda_visible, plan_rebalance, render_env,
-                                     visible_gpus, worker_render_envs)
+from vlarl_fast.envs.balance import assign_devices, device_loads, plan_rebalance
+from vlarl_fast.envs.render_devices import machine, narrow_by_cuda_visible, worker_render_vars
 
 
 def _best_makespan(costs, k):
@@ -43,7 +43,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="non-negative"):
         assign_devices([-1.0], 1)
     with pytest.raises(ValueError, match="2 costs for 3"):
-        worker_render_envs(3, gpus=[0], costs=[1.0, 1.0])
+        worker_render_vars("cpu", 3, costs=[1.0, 1.0])
 
 
 def test_cuda_visible_devices_narrows_physical_ids():
@@ -67,13 +67,12 @@ def test_worker_envs_any_number_of_gpus():
     assert [e["MUJOCO_EGL_DEVICE_ID"] for e in envs] == ["3", "1"] * 4
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == [gpus[3].uuid, gpus[5].uuid] * 4
     assert all(e["MUJOCO_GL"] == "egl" for e in envs)
-    assert all(e["MUJOCO_GL"] in ("egl", "osmesa") for e in worker_render_envs(3, gpus=[]))  # [] = Mesa on the CPU
-    assert render_env(None) == {}
+    assert all(e["MUJOCO_GL"] in ("egl", "osmesa") for e in worker_render_vars("cpu", 3))  # Mesa on the CPU
 
 
 def test_visible_gpus_without_a_gpu_is_empty_not_an_error():
-    gpus = visible_gpus()
-    assert isinstance(gpus, list) and all(isinstance(g, int) for g in gpus)
+    gpus = machine()["gpus"]
+    assert isinstance(gpus, list) and all(isinstance(g.index, int) for g in gpus)
 
 
 def test_plan_rebalance_from_the_worst_start():

@@ -4,7 +4,7 @@ workers by their measured costs.
 The reference code sets ``MUJOCO_EGL_DEVICE_ID`` from the process rank and crashes when a worker
 sees fewer devices than its rank. Here the assignment is a pure function of measured per-env costs
 (greedy, longest first), so it is tested with simulated costs and works for any number of devices.
-Which devices exist and the variables that select them are render_devices' part (re-exported here).
+Which devices exist and the variables that select them are render_devices' part.
 Workers start spread evenly over the devices; the manager then moves envs between workers at
 episode boundaries by their measured step+render costs (plan_rebalance), which evens out the
 load of the workers and with it of the devices they render on.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .render_devices import narrow_by_cuda_visible  # noqa: F401  (re-exported)
 
 
 def assign_devices(costs: Sequence[float], num_devices: int) -> list[int]:
@@ -84,38 +83,3 @@ def plan_rebalance(costs: Sequence[float], owner: Sequence[int], num_workers: in
         load[a] -= d
         load[b] += d
     return owner if start - max(load) > min_gain * mean else None
-
-
-def visible_gpus() -> list[int]:
-    """NVML indices of the GPUs this process may use (narrowed by CUDA_VISIBLE_DEVICES, in its order);
-    [] without NVML or without a GPU."""
-    from .render_devices import machine
-    return [g.index for g in machine()["gpus"]]
-
-
-def render_env(physical_gpu: int | None) -> dict:
-    """Render variables for a worker that renders on the GPU with NVML index `physical_gpu` (None: {},
-    the worker picks its backend itself): its EGL device as matched by PCI bus id / UUID / CUDA ordinal, and
-    CUDA_VISIBLE_DEVICES naming the same GPU by UUID. RenderDeviceError when it has no EGL device."""
-    if physical_gpu is None:
-        return {}
-    from .render_devices import CPU_FIX, NO_EGL_FIX, RenderDeviceError, gpu_vars, machine, match_egl, query_gpus
-    m = machine()
-    gpu = next((g for g in m["gpus"] if g.index == physical_gpu), None)  # visible: its CUDA ordinal is known
-    if gpu is None and m["nvml_error"] is None:
-        gpu = next((g for g in query_gpus() if g.index == physical_gpu), None)
-    if gpu is None:
-        raise RenderDeviceError(f"there is no NVIDIA GPU {physical_gpu} (NVML index) here")
-    dev = match_egl([gpu], m["egl"]).get(gpu.index)
-    if dev is None:
-        raise RenderDeviceError(f"GPU {physical_gpu} ({gpu.uuid}) has no EGL device: {NO_EGL_FIX}; or render on "
-                                f"the CPU with {CPU_FIX}")
-    return gpu_vars(gpu, dev)
-
-
-def worker_render_envs(num_envs: int, gpus=None, costs: Sequence[float] | None = None) -> list[dict]:
-    """Per-worker render variables for `num_envs` workers spread by `costs` (default: equal) over `gpus`:
-    None = 'auto' (the visible GPUs that have an EGL device), [] = 'cpu', or any render-device choice of
-    render_devices.parse_render_device ('cuda', 'cuda:0,cuda:1', CUDA ordinals)."""
-    from .render_devices import worker_render_vars
-    return worker_render_vars("auto" if gpus is None else gpus, num_envs, costs)

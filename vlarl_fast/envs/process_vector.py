@@ -201,8 +201,9 @@ class ProcessVectorEnv(VectorEnv):
         # render devices (render_devices.parse_render_device): "auto" = the visible GPUs that have an EGL
         # device, spread evenly (else the CPU); "cpu" (or None) = Mesa; "cuda", "cuda:0,cuda:2" or CUDA
         # ordinals = those GPUs. Each worker gets its GPU's EGL index and CUDA_VISIBLE_DEVICES=<its UUID>.
+        from .render import user_mujoco_gl
         from .render_devices import worker_render_vars
-        render = worker_render_vars(render_devices, nw)
+        render = worker_render_vars(render_devices, nw, mujoco_gl=user_mujoco_gl())
         # llvmpipe otherwise spreads each render over every core, fighting the other workers
         self._worker_env = [{"LP_NUM_THREADS": "1", **r, **e} for r, e in zip(render, worker_env)]
         self._workers: list[_Worker | None] = [None] * nw

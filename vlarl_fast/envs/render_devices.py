@@ -366,9 +366,10 @@ def machine(environ: Mapping[str, str] | None = None) -> dict:
     return out
 
 
-def worker_render_vars(render_device, num_workers: int, costs: Sequence[float] | None = None) -> list[dict]:
-    """Render variables for each worker on this machine (see plan_render_devices); warns on a fallback."""
-    from .render import user_mujoco_gl
+def worker_render_vars(render_device, num_workers: int, costs: Sequence[float] | None = None, *,
+                       mujoco_gl: str | None = None) -> list[dict]:
+    """Render variables for each worker on this machine (see plan_render_devices); warns on a fallback.
+    ``mujoco_gl``: the user's own MUJOCO_GL (``render.user_mujoco_gl()``), None when unset."""
     if parse_render_device(render_device) == "cpu":
         m = {"gpus": [], "egl": [], "nvml_error": None, "egl_error": None}
         try:
@@ -377,7 +378,7 @@ def worker_render_vars(render_device, num_workers: int, costs: Sequence[float] |
             pass
     else:
         m = machine()
-    envs, note = plan_render_devices(render_device, num_workers, m["gpus"], m["egl"], mujoco_gl=user_mujoco_gl(),
+    envs, note = plan_render_devices(render_device, num_workers, m["gpus"], m["egl"], mujoco_gl=mujoco_gl,
                                      costs=costs, nvml_error=m["nvml_error"], egl_error=m["egl_error"])
     if note:
         import warnings
