@@ -44,6 +44,8 @@ def test_smoke_train_writes_every_output(tmp_path, capsys):
     for key in ("sft_success", "rl_success", "eval_episodes", "env_steps", "wall_time_s"):
         assert key in summary
     assert summary["eval_episodes"] == 2 and summary["env_steps"] == 2 * 4 * 4
+    # the held-out evaluation is off by default
+    assert summary["heldout_sft_success"] is summary["heldout_rl_success"] is summary["heldout_episodes"] is None
     assert (out / "success.png").stat().st_size > 1000
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     load_policy(out / "checkpoints" / "final")
@@ -146,3 +148,36 @@ def test_attention_kernel_that_cannot_run_is_explained(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "r")])
     assert code == 2
     assert "sdpa" in capsys.readouterr().err
+
+
+def test_eval_on_heldout_layouts_records_the_split(tmp_path):
+    res = tmp_path / "eval"
+    # the held-out split's protocol is one episode per layout: 2 layouts, 2 episodes
+    assert main(["eval", "--policy", "tiny", "--output-dir", str(res), "--tasks", "tabletop/reach_red",
+                 "--split", "heldout", "--init-states", "2", "--max-episode-steps", "2", "--num-envs", "2",
+                 "--progress", "False"]) == 0
+    out = json.loads((res / "results.json").read_text())
+    assert out["split"] == "heldout" and out["episodes"] == 2 and len(out["per_state"]["tabletop/reach_red"]) == 2
+    with pytest.raises(SystemExit, match="has no 'heldout' split"):
+        main(["eval", "--policy", "tiny", "--env", "libero", "--tasks", "libero_spatial/0", "--split", "heldout",
+              "--output-dir", str(res)])
+
+
+def test_smoke_train_with_heldout_evaluation(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--output-dir", str(out), "--progress", "False",
+                 "--eval.heldout-episodes", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heldout_episodes"] == 3
+    assert 0.0 <= summary["heldout_sft_success"] <= 1.0 and 0.0 <= summary["heldout_rl_success"] <= 1.0
+    assert "Success per task on held-out layouts" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--eval.heldout-episodes 101 is outside \[0, 100\]"):
+        main(["train", "--preset", "smoke", "--output-dir", str(out), "--eval.heldout-episodes", "101"])
+
+
+def test_training_envs_refuse_the_heldout_split_even_if_asked(tmp_path, monkeypatch):
+    import vlarl_fast.train as train_module
+    monkeypatch.setattr(train_module, "env_options", lambda env: {"split": "heldout"})
+    with pytest.raises(ValueError, match="'heldout' is reserved for evaluation"):
+        main(["train", "--preset", "smoke", "--output-dir", str(tmp_path / "run"), "--progress", "False",
+              "--env.backend", "inprocess"])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from vlarl_fast.envs.tabletop.tasks import TASKS
@@ -43,3 +44,44 @@ def test_evaluation_steps_busy_slots_through_the_public_step_envs(backend, monke
     assert calls[0][1] == [0, 1, 2]
     assert any(len(ids) < 3 for _, ids in calls)   # a finished slot was left out
     assert {b for b, _ in calls} == {choose_backend(3, backend)[0]}
+
+
+def test_heldout_split_counts_its_own_layouts_and_libero_has_none():
+    from vlarl_fast.envs.tabletop.tasks import HELDOUT_LAYOUTS
+    tasks = list(TASKS)[:2]
+    assert states_per_task(tasks, 0, "heldout") == {t: HELDOUT_LAYOUTS for t in tasks}
+    assert count_episodes(tasks, 0, 1, split="heldout") == 2 * HELDOUT_LAYOUTS
+    with pytest.raises(ValueError, match=r"outside \[0, 100\] .* 100 heldout layouts"):
+        states_per_task(tasks, HELDOUT_LAYOUTS + 1, "heldout")
+    with pytest.raises(ValueError, match="libero_spatial/0 has no 'heldout' split.*split 'fixed'"):
+        states_per_task(["libero_spatial/0"], 0, "heldout")
+
+
+def test_heldout_evaluation_deals_episodes_over_heldout_layouts(monkeypatch):
+    from vlarl_fast.envs.tabletop import TabletopEnv
+    from vlarl_fast.envs.tabletop.scene import CUBES
+    from vlarl_fast.envs.tabletop.tasks import heldout_layouts
+    from vlarl_fast.policy import make_policy
+    from vlarl_fast.rl.evaluate import evaluate
+    t = "tabletop/reach_red"
+    held = heldout_layouts(TASKS[t])
+    resets = []
+    real = TabletopEnv.reset
+
+    def spy(self, **kw):
+        obs, info = real(self, **kw)
+        cubes = [self._cube_pos(c)[:2] for c in CUBES]
+        resets.append((info["split"], info["init_state"], cubes))
+        return obs, info
+
+    monkeypatch.setattr(TabletopEnv, "reset", spy)
+    pol = make_policy("tiny", instructions=[TASKS[t].instruction], image_size=16, seed=0, hidden_size=32,
+                      num_layers=1)
+    res = evaluate(pol, [t], init_states=3, episodes_per_state=1, num_envs=2, image_size=16, seed=0, greedy=True,
+                   temperature=1.0, env_options={"max_episode_steps": 2}, split="heldout")
+    assert res["split"] == "heldout" and res["episodes"] == 3 and len(res["per_state"][t]) == 3
+    dealt = [(s, k) for s, k, _ in resets[-3:]]   # after the resets the envs' construction made
+    assert sorted(dealt) == [("heldout", 0), ("heldout", 1), ("heldout", 2)]
+    for split, k, cubes in resets:
+        assert split == "heldout"
+        np.testing.assert_allclose(cubes, [held[k]["cubes"][c] for c in CUBES], atol=1e-9)

@@ -144,3 +144,93 @@ def test_renderers_closed_after_the_display_is_gone_leave_nothing_to_free(monkey
     monkeypatch.setattr(tabletop_env, "_RENDERERS", {(8, 8): r})
     tabletop_env._close_renderers()
     assert r._gl_context is None and ctx._context is None and not tabletop_env._RENDERERS
+
+
+# ---- held-out split ---------------------------------------------------------------------------
+def _layout_digest(layouts) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for lay in layouts:
+        for part in ("zones", "cubes", "cube_yaw"):
+            for name in sorted(lay[part]):
+                h.update(np.asarray(lay[part][name], dtype=np.float64).tobytes())
+        h.update(np.asarray(lay["hand"], dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# the first 50 layouts (fixed initial states, then demonstration layouts) the published results were made on
+TRAINING_STREAM_DIGESTS = {
+    "tabletop/reach_red": "298a8376eca43e35",
+    "tabletop/reach_blue": "de3baaa2f548797b",
+    "tabletop/lift_green": "91a07c6ab81b9215",
+    "tabletop/push_red_to_yellow": "d962fc3b6faa59d6",
+    "tabletop/place_blue_on_purple": "c95adb4ed8c36cb3",
+    "tabletop/place_two": "0867af829ef3c61c",
+}
+
+
+def test_fixed_states_and_demo_layouts_are_bit_identical():
+    from vlarl_fast.envs.tabletop.tasks import TASKS, init_states
+    assert {t: _layout_digest(init_states(TASKS[t], 50)) for t in TASKS} == TRAINING_STREAM_DIGESTS
+
+
+def _cube_xy(layouts) -> np.ndarray:
+    from vlarl_fast.envs.tabletop.scene import CUBES
+    return np.array([[lay["cubes"][c] for c in CUBES] for lay in layouts]).reshape(len(layouts), -1)
+
+
+@pytest.mark.parametrize("task_id", TASKS)
+def test_heldout_layouts_never_appear_in_the_training_stream(task_id):
+    """Demonstrations, the fixed states, the curriculum and RL all draw from the head of the training stream:
+    no held-out scene matches any of its first 10,000 layouts (all cubes within 1 mm)."""
+    from vlarl_fast.envs.tabletop.tasks import HELDOUT_LAYOUTS, TASKS, heldout_layouts, layouts
+    spec = TASKS[task_id]
+    train = _cube_xy(layouts(spec, 10_000))
+    held = _cube_xy(heldout_layouts(spec))
+    assert len(held) == HELDOUT_LAYOUTS
+    closest = np.array([np.abs(train - h).max(axis=1).min() for h in held])
+    assert closest.min() > 1e-3
+    # and the held-out layouts are distinct scenes among themselves
+    assert len({tuple(np.round(h, 6)) for h in held}) == HELDOUT_LAYOUTS
+
+
+def test_heldout_env_serves_only_heldout_layouts():
+    from vlarl_fast.envs.tabletop.scene import CUBES
+    from vlarl_fast.envs.tabletop.tasks import HELDOUT_LAYOUTS, TASKS, heldout_layouts
+    spec = TASKS["tabletop/push_red_to_yellow"]
+    held = heldout_layouts(spec)
+    env = make_env(spec.task_id, image_size=16, split="heldout", seed=0)
+    fixed = make_env(spec.task_id, image_size=16)
+    assert env.observation_space == fixed.observation_space and env.action_space == fixed.action_space
+    assert fixed.reset(seed=0)[1]["split"] == "fixed"
+
+    def served(info):
+        assert info["split"] == "heldout"
+        pos = np.array([env.unwrapped._cube_pos(c)[:2] for c in CUBES])
+        np.testing.assert_allclose(pos, [held[info["init_state"]]["cubes"][c] for c in CUBES], atol=1e-9)
+        return info["init_state"]
+
+    assert [served(env.reset(options={"init_state": k})[1]) for k in (0, 57, HELDOUT_LAYOUTS - 1)] == [0, 57, 99]
+    drawn = {served(env.reset(seed=s)[1]) for s in range(8)}
+    assert len(drawn) > 1 and drawn <= set(range(HELDOUT_LAYOUTS))
+    with pytest.raises(ValueError, match=r"init_state must be in \[0, 100\)"):
+        env.reset(options={"init_state": HELDOUT_LAYOUTS})
+    with pytest.raises(ValueError, match="split must be one of 'fixed', 'heldout'"):
+        make_env(spec.task_id, split="test")
+
+
+def test_training_envs_cannot_be_built_on_the_heldout_split(monkeypatch):
+    from vlarl_fast.envs import make_training_env, registry
+    with pytest.raises(ValueError, match="demonstrations, which must not see held-out layouts.*split='fixed'"):
+        make_env("tabletop/reach_red", split="heldout", demo_layouts=50)
+    with pytest.raises(ValueError, match="'heldout' is reserved for evaluation"):
+        make_training_env("tabletop/reach_red", split="heldout")
+    # demonstrations are recorded through the guarded constructor, on the fixed stream
+    built = []
+    real = registry.make_env
+    monkeypatch.setattr(registry, "make_env", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    eps = collect_demos(["tabletop/reach_red"], 2, image_size=16, layouts=25)
+    assert len(eps) == 2 and [e.unwrapped.split for e in built] == ["fixed"]
+    monkeypatch.setattr(registry, "TRAINING_SPLITS", ())
+    with pytest.raises(ValueError, match="reserved for evaluation"):
+        collect_demos(["tabletop/reach_red"], 1, image_size=16)

@@ -39,9 +39,12 @@ class EvalCommand:
     """Episodes per task, dealt over its initial states in order (LIBERO's protocol: 50, one per state).
     Unset: --episodes-per-state episodes on each initial state."""
     episodes_per_state: int | None = None
-    """Episodes per (task, initial state) when --episodes-per-task is unset (default: tabletop 5, LIBERO 1)."""
+    """Episodes per (task, initial state) when --episodes-per-task is unset (default: tabletop 5, LIBERO and the
+    held-out split 1)."""
     init_states: int = 0
-    """Use only the first K fixed initial states of each task (0: all)."""
+    """Use only the first K initial states (layouts of --split) of each task (0: all)."""
+    split: Literal["fixed", "heldout"] = "fixed"
+    """Layouts to evaluate on: the fixed initial states, or held-out tabletop layouts no training run uses (100)."""
     greedy: bool = False
     """Greedy decoding; by default actions are sampled at --temperature."""
     temperature: float = 1.0
@@ -157,30 +160,32 @@ def cmd_eval(args: list[str]) -> int:
     cfg = _parse(EvalCommand, args, "vlarl-fast eval")
     out = prepare_output_dir(cfg.output_dir)
     env, tasks = eval_env(cfg)
+    # the held-out split has many layouts: one episode on each is its protocol
+    per_state = cfg.episodes_per_state or (1 if cfg.split == "heldout" else EPISODES_PER_STATE[cfg.env])
+    try:
+        n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task, split=cfg.split)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
                          image_size=env.image_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                          attn_implementation=cfg.attn_implementation, action_convention=cfg.action_convention)
     policy.decode_impl = cfg.decode
-    per_state = cfg.episodes_per_state or EPISODES_PER_STATE[cfg.env]
-    try:
-        n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     with _bar(n, "eval", cfg.progress) as bar:
         res = evaluate(policy, tasks, init_states=cfg.init_states, episodes_per_state=per_state,
                        episodes_per_task=cfg.episodes_per_task, num_envs=env.num_envs,
                        image_size=policy.config.image_size, seed=cfg.seed, greedy=cfg.greedy,
                        temperature=cfg.temperature, progress=bar, env_options=env_options(env), record=cfg.videos,
-                       backend=env.backend, render_device=env.render_device)
+                       backend=env.backend, render_device=env.render_device, split=cfg.split)
     console = Console()
-    console.print(success_table(None, res, title=f"Success per task ({cfg.policy})"))
+    console.print(success_table(None, res, title=f"Success per task ({cfg.policy}, {cfg.split} layouts)"))
     videos = res.pop("videos", {})
     files = write_videos(videos, out / "videos", cfg.video_format) if cfg.videos else []
     meta = {"policy": cfg.policy, "env": cfg.env, "suite": env.suite, "greedy": cfg.greedy,
             "temperature": cfg.temperature, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps,
             "videos": [str(f.relative_to(out)) for f in files]}
     write_json_atomic(out / "results.json", res | meta)
-    plot_task_success(res, out / "success.png", title=f"{cfg.policy} on {meta['suite']}")
+    where = meta["suite"] + (" (held-out layouts)" if cfg.split == "heldout" else "")
+    plot_task_success(res, out / "success.png", title=f"{cfg.policy} on {where}")
     console.print(f"wrote {out / 'results.json'}, {out / 'success.png'}"
                   f"{f' and {len(files)} videos in ' + str(out / 'videos') if files else ''}")
     return 0

@@ -265,6 +265,9 @@ class EvalConfig:
     """Initial states per task used for evaluation: the first K of the suite's fixed set (0: all)."""
     greedy: bool = False
     """Greedy decoding; by default actions are sampled at the rollout temperature."""
+    heldout_episodes: int = 0
+    """Also evaluate the SFT and RL policies on this many held-out layouts per task, one episode each: scenes no
+    demonstration or RL episode saw (tabletop only, at most 100; 0: not run, summary.json's heldout_* are null)."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`vlarl-fast train`: SFT on scripted demos -> PPO -> evaluation, with every output a run needs."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, env_options, resolve_env, vector_options
-from .envs import VectorEnv, get_task, list_tasks, make_env
+from .envs import VectorEnv, get_task, list_tasks, make_training_env
 from .policy import NormStats, make_policy, save_policy
 from .policy.protocol import enable_gradient_checkpointing
 from .report import plot_success, success_table, write_json_atomic
@@ -68,14 +69,49 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
-def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str):
+def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str, split: str = "fixed"):
     from .rl.evaluate import count_episodes, evaluate
-    n = count_episodes(tasks, cfg.eval.init_states, cfg.eval.episodes_per_state)
+    if split == "fixed":
+        states, per_state = cfg.eval.init_states, cfg.eval.episodes_per_state
+    else:
+        # one episode on each held-out layout: more scenes say more about generalisation than repeats
+        states, per_state, label = cfg.eval.heldout_episodes, 1, f"{label}, {split}"
+    n = count_episodes(tasks, states, per_state, split=split)
     with _bar(n, f"eval ({label})", cfg.progress) as bar:
-        return evaluate(policy, tasks, init_states=cfg.eval.init_states, episodes_per_state=cfg.eval.episodes_per_state,
+        return evaluate(policy, tasks, init_states=states, episodes_per_state=per_state,
                         num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
                         greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar,
-                        env_options=env_options(cfg.env), backend=cfg.env.backend, render_device=cfg.env.render_device)
+                        env_options=env_options(cfg.env), backend=cfg.env.backend, render_device=cfg.env.render_device,
+                        split=split)
+
+
+def check_heldout_episodes(cfg: TrainConfig, tasks: list[str]) -> None:
+    """Fail before training when the held-out evaluation asked for cannot run."""
+    from .envs import split_size
+    k = cfg.eval.heldout_episodes
+    if k == 0:
+        return
+    for t in tasks:
+        try:
+            n = split_size(t, "heldout")
+        except ValueError as e:
+            raise SystemExit(f"error: --eval.heldout-episodes {k}: {e}; set it to 0") from None
+        if not 0 < k <= n:
+            raise SystemExit(f"error: --eval.heldout-episodes {k} is outside [0, {n}] for {t} (it has {n} held-out "
+                             "layouts; 0 skips the held-out evaluation)")
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Leaves the global RNGs as they were, so an optional evaluation cannot change the training that follows."""
+    state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -104,6 +140,7 @@ def train(cfg: TrainConfig) -> dict:
                          "suite, or a vlarl-fast checkpoint)")
     out = prepare_output_dir(cfg.output_dir)
     tasks = resolve_tasks(cfg)
+    check_heldout_episodes(cfg, tasks)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
@@ -155,14 +192,23 @@ def train(cfg: TrainConfig) -> dict:
     console.print(f"{'after SFT' if not cfg.skip_sft else 'start policy'}: success {100 * sft_eval['success']:.1f}% "
                   f"over {sft_eval['episodes']} episodes")
     logger.scalars("eval", {"success": sft_eval["success"]}, 0)
+    heldout_sft = heldout_rl = None
+    if cfg.eval.heldout_episodes:
+        t0 = time.perf_counter()
+        with _rng_untouched():
+            heldout_sft = run_eval(policy, cfg, tasks, "after SFT" if not cfg.skip_sft else "start", "heldout")
+        timings["eval_heldout_sft_s"] = time.perf_counter() - t0
+        console.print(f"held-out layouts: success {100 * heldout_sft['success']:.1f}% over "
+                      f"{heldout_sft['episodes']} episodes")
+        logger.scalars("eval_heldout", {"success": heldout_sft["success"]}, 0)
 
     rl_eval, env_steps, history = None, 0, []
     if cfg.ppo.iterations > 0:
         # ---- 2. PPO -----------------------------------------------------------------------------
         t0 = time.perf_counter()
         slot_task = [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
-        fns = [(lambda t=t, i=i: make_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                          seed=cfg.seed * 1000 + i, **env_options(cfg.env)))
+        fns = [(lambda t=t, i=i: make_training_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
+                                                   seed=cfg.seed * 1000 + i, **env_options(cfg.env)))
                for i, t in enumerate(slot_task)]
         curriculum = None
         if cfg.ppo.curriculum:
@@ -229,12 +275,21 @@ def train(cfg: TrainConfig) -> dict:
         logger.scalars("eval", {"success": rl_eval["success"]}, env_steps)
         evals = ([(0, sft_eval["success"], "eval before RL")] if sft_eval else []) + \
             [(env_steps, rl_eval["success"], "eval after RL")]
+        if heldout_sft is not None:
+            t0 = time.perf_counter()
+            heldout_rl = run_eval(policy, cfg, tasks, "after RL", "heldout")
+            timings["eval_heldout_rl_s"] = time.perf_counter() - t0
+            logger.scalars("eval_heldout", {"success": heldout_rl["success"]}, env_steps)
+            evals += [(0, heldout_sft["success"], "held-out eval before RL"),
+                      (env_steps, heldout_rl["success"], "held-out eval after RL")]
         plot_success(history, evals, out / "success.png")
         console.print(success_table(sft_eval, rl_eval))
     if rl_eval is None:
         save_policy(policy, out / "checkpoints" / "final", extra={"stage": "sft"})
         if sft_eval is not None:
             console.print(success_table(sft_eval, None))
+    if heldout_sft is not None:
+        console.print(success_table(heldout_sft, heldout_rl, title="Success per task on held-out layouts"))
     summary.update({
         "sft_success": None if sft_eval is None else sft_eval["success"],
         "rl_success": None if rl_eval is None else rl_eval["success"],
@@ -244,6 +299,10 @@ def train(cfg: TrainConfig) -> dict:
         "sft_per_task": None if sft_eval is None else sft_eval["per_task"],
         "rl_per_task": None if rl_eval is None else rl_eval["per_task"],
         "timings_s": timings,
+        # null when the held-out evaluation was not run (--eval.heldout-episodes 0, or no RL for the RL one)
+        "heldout_sft_success": None if heldout_sft is None else heldout_sft["success"],
+        "heldout_rl_success": None if heldout_rl is None else heldout_rl["success"],
+        "heldout_episodes": None if heldout_sft is None else heldout_sft["episodes"],
         "eval_greedy": cfg.eval.greedy,
         "reward": cfg.env.reward,
     })

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 
+from .tabletop import tasks as tabletop_tasks
 from .tabletop.tasks import TASKS, TaskSpec
 
 SUITES = {"tabletop": [t for t in TASKS]}
@@ -53,7 +54,7 @@ def make_env(task_id: str, *, image_size: int | None = None, seed: int | None = 
              reward: str | None = None, **options):
     """A gymnasium env for one task. ``image_size`` and ``reward`` default per suite (tabletop: 64,
     'dense'; LIBERO: 224, 'sparse'). Tabletop options: shaping_coef, max_delta, max_rot,
-    max_episode_steps; LIBERO's: see ``vlarl_fast.envs.libero.make_env``."""
+    max_episode_steps, split ('fixed' or 'heldout'); LIBERO's: see ``vlarl_fast.envs.libero.make_env``."""
     task = get_task(task_id)
     if not isinstance(task, TaskSpec):
         from .libero import LiberoEnv
@@ -62,3 +63,29 @@ def make_env(task_id: str, *, image_size: int | None = None, seed: int | None = 
     from .tabletop.env import TabletopEnv
     return TabletopEnv(task, image_size=64 if image_size is None else image_size, seed=seed, wrist=wrist,
                        reward=reward or "dense", **options)
+
+
+# the splits an env that a policy learns from (demonstrations, RL rollouts, the curriculum) may use;
+# "heldout" is absent so held-out layouts stay unseen until evaluation
+TRAINING_SPLITS = ("fixed",)
+
+
+def make_training_env(task_id: str, **kwargs):
+    """``make_env`` for the envs a policy learns from: an evaluation-only split is refused."""
+    split = kwargs.get("split", "fixed")
+    if split not in TRAINING_SPLITS:
+        raise ValueError(f"split {split!r} is reserved for evaluation; envs that demonstrations or RL learn from "
+                         f"use {' or '.join(map(repr, TRAINING_SPLITS))}")
+    return make_env(task_id, **kwargs)
+
+
+def split_size(task_id: str, split: str) -> int:
+    """How many layouts ``split`` offers for a task: its fixed initial states, or (tabletop only) held-out ones."""
+    tabletop_tasks.check_split(split)
+    task = get_task(task_id)
+    if isinstance(task, TaskSpec):
+        return tabletop_tasks.split_size(task, split)
+    if split != "fixed":
+        raise ValueError(f"{task_id} has no {split!r} split: held-out layouts exist for the tabletop suite only; "
+                         "evaluate LIBERO tasks on their fixed initial states (split 'fixed')")
+    return task.num_init_states

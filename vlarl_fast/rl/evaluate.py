@@ -1,5 +1,8 @@
 """Evaluation over every (task, initial state) pair, vectorised.
 
+``split`` names the layouts the initial states are: "fixed" (the task's fixed initial states, which
+training also uses) or "heldout" (tabletop layouts no demonstration or RL episode sees).
+
 Each env slot is bound to one task; the (init state, repeat) jobs of that task are dealt to its
 slots, and slots step (as a batch) until every job has finished. Only busy slots are stepped.
 The first ``record`` episodes of each task keep their frames (the policy's view) for videos.
@@ -12,27 +15,29 @@ import numpy as np
 import torch
 
 from ..envs import VectorEnv, make_env
-from ..envs.registry import get_task
+from ..envs.registry import split_size
 from ..policy import VLAPolicy
 
 
-def states_per_task(tasks: list[str], init_states: int) -> dict[str, int]:
-    """How many of each task's fixed initial states an evaluation covers (0: all of them)."""
+def states_per_task(tasks: list[str], init_states: int, split: str = "fixed") -> dict[str, int]:
+    """How many of each task's initial states (the first of the split's layouts) an evaluation covers
+    (0: all of them)."""
     out = {}
+    what = "initial states" if split == "fixed" else f"{split} layouts"
     for t in tasks:
-        n = get_task(t).num_init_states
+        n = split_size(t, split)
         if init_states < 0 or init_states > n:
-            raise ValueError(f"--eval.init-states {init_states} is outside [0, {n}] for {t} (it has {n} initial "
-                             f"states; 0 evaluates all of them)")
+            raise ValueError(f"--eval.init-states {init_states} is outside [0, {n}] for {t} (it has {n} {what}; "
+                             f"0 evaluates all of them)")
         out[t] = init_states or n
     return out
 
 
 def episode_jobs(tasks: list[str], init_states: int, episodes_per_state: int,
-                 episodes_per_task: int | None = None) -> dict[str, list[int]]:
+                 episodes_per_task: int | None = None, split: str = "fixed") -> dict[str, list[int]]:
     """The initial state of every evaluation episode, per task: each state ``episodes_per_state`` times,
     or ``episodes_per_task`` episodes dealt over the states in order (state k for episode k mod n)."""
-    n_states = states_per_task(tasks, init_states)
+    n_states = states_per_task(tasks, init_states, split)
     if episodes_per_task is not None:
         if episodes_per_task < 1:
             raise ValueError(f"--episodes-per-task must be >= 1; got {episodes_per_task}")
@@ -43,19 +48,20 @@ def episode_jobs(tasks: list[str], init_states: int, episodes_per_state: int,
 
 
 def count_episodes(tasks: list[str], init_states: int, episodes_per_state: int,
-                   episodes_per_task: int | None = None) -> int:
-    return sum(len(j) for j in episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task).values())
+                   episodes_per_task: int | None = None, split: str = "fixed") -> int:
+    return sum(len(j) for j in episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task,
+                                            split).values())
 
 
 def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_per_state: int,
              num_envs: int, image_size: int | None, seed: int, greedy: bool, temperature: float,
              progress=None, episodes_per_task: int | None = None, env_options: dict | None = None,
-             record: int = 0, backend: str = "inprocess", render_device: str = "auto") -> dict:
+             record: int = 0, backend: str = "inprocess", render_device: str = "auto", split: str = "fixed") -> dict:
     """Returns {"per_task": {task: success rate}, "success": mean over episodes, "episodes": n, "env_steps": n,
-    "per_state": {task: [success rate per initial state]}}, plus "videos": {task: [{"init_state", "success",
-    "frames" [T, H, W, 3]}]} for the first ``record`` episodes of each task."""
-    n_states = states_per_task(tasks, init_states)
-    jobs = episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task)
+    "per_state": {task: [success rate per initial state]}, "split": split}, plus "videos": {task:
+    [{"init_state", "success", "frames" [T, H, W, 3]}]} for the first ``record`` episodes of each task."""
+    n_states = states_per_task(tasks, init_states, split)
+    jobs = episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task, split)
     num_envs = max(len(tasks), min(num_envs, sum(len(j) for j in jobs.values())))
     slot_task = [tasks[i % len(tasks)] for i in range(num_envs)]
     queues: dict[int, list[int]] = defaultdict(list)
@@ -64,6 +70,9 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
         for k, s in enumerate(jobs[t]):
             queues[slots[k % len(slots)]].append(s)
     opts = dict(env_options or {})
+    if split != "fixed":
+        # the default is left implicit: LIBERO's env takes no split option
+        opts["split"] = split
     fns = [(lambda t=t, i=i: make_env(t, image_size=image_size, seed=seed + 7919 * i, **opts))
            for i, t in enumerate(slot_task)]
     venv = VectorEnv(fns, autoreset=False, backend=backend,
@@ -125,7 +134,8 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
     succ = float(np.mean([x for v in results.values() for x in v]))
     # a state no episode was dealt to (episodes_per_task below the number of states) has no rate
     per_state = {t: [float(np.mean(v)) if v else None for v in rows] for t, rows in by_state.items()}
-    out = {"per_task": per_task, "success": succ, "episodes": n, "env_steps": env_steps, "per_state": per_state}
+    out = {"per_task": per_task, "success": succ, "episodes": n, "env_steps": env_steps, "per_state": per_state,
+           "split": split}
     if record:
         out["videos"] = videos
     return out

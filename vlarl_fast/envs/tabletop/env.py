@@ -11,6 +11,10 @@ Observation: ``image`` uint8 [H, W, 3] (agent view, row 0 at the top), ``wrist_i
 ``wrist=True``, ``state`` float32 [8]: grasp-point position normalised to [-1, 1] over the
 workspace (3), sin and cos of the yaw (2), finger opening in [0, 1] (1), whether a cube is
 held (1), the last gripper command (1).
+
+``split`` chooses the layouts ``reset`` draws from (``options={"init_state": k}`` picks layout k, no
+option a random one): "fixed", the task's fixed initial states, or "heldout", layouts reserved for
+evaluation (see ``tasks``). The reset info names the split.
 """
 from __future__ import annotations
 
@@ -82,12 +86,14 @@ class TabletopEnv(gym.Env):
 
     def __init__(self, task: T.TaskSpec, *, image_size: int = 64, wrist: bool = False, reward: str = "dense",
                  shaping_coef: float = 1.0, max_delta: float = 0.04, max_rot: float = 0.2,
-                 max_episode_steps: int | None = None, seed: int | None = None, demo_layouts: int = 0):
+                 max_episode_steps: int | None = None, seed: int | None = None, demo_layouts: int = 0,
+                 split: str = "fixed"):
         from ..render import select_backend
         if not 16 <= image_size <= 1024:
             raise ValueError(f"image_size must be in [16, 1024]; got {image_size}")
         if reward not in ("dense", "sparse"):
             raise ValueError(f"reward must be 'dense' or 'sparse'; got {reward!r}")
+        T.check_split(split)
         select_backend()
         import mujoco
         self._mj = mujoco
@@ -104,7 +110,8 @@ class TabletopEnv(gym.Env):
         self._zone_mid = {z: mocap(f"zone_{z}") for z in ZONES}
         self._hand, self._fl, self._fr = mocap("hand"), mocap("finger_left"), mocap("finger_right")
         # demo_layouts > num_init_states widens the set for recording demonstrations only
-        self._init_states = T.init_states(task, demo_layouts)
+        self._init_states = T.split_layouts(task, split, demo_layouts)
+        self.split = split
         self._lo, self._hi = np.array(WORKSPACE_LOW), np.array(WORKSPACE_HIGH)
         self._lo[2] = CUBE_HALF
         self.action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)
@@ -203,7 +210,8 @@ class TabletopEnv(gym.Env):
         elif not 0 <= int(k) < len(self._init_states):
             raise ValueError(f"init_state must be in [0, {len(self._init_states)}); got {k}")
         self._reset_internal(int(k))
-        return self._obs(), {"instruction": self.instruction, "task_id": self.task.task_id, "init_state": int(k)}
+        return self._obs(), {"instruction": self.instruction, "task_id": self.task.task_id, "init_state": int(k),
+                              "split": self.split}
 
     def step(self, action):
         a = np.asarray(action, dtype=np.float64)

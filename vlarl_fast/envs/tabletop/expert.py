@@ -107,12 +107,12 @@ def collect_demos(task_ids: list[str], episodes_per_task: int, noise: float = 0.
     task_id, init_state, success. Scenes are dealt round-robin over the task's fixed initial states, or
     over the first ``layouts`` layouts of its seeded stream when that is larger (the initial states come first).
     ``clean_labels``: record the intended action (DART) rather than the executed noisy one."""
-    from ..registry import make_env
+    from ..registry import make_training_env
 
     rng = np.random.default_rng(seed)
     episodes = []
     for task_id in task_ids:
-        env = make_env(task_id, image_size=image_size, reward="sparse", demo_layouts=layouts)
+        env = make_training_env(task_id, image_size=image_size, reward="sparse", demo_layouts=layouts)
         expert = ScriptedExpert(env, noise=noise, rng=rng)
         n_states = max(env.unwrapped.task.num_init_states, layouts)
         kept, tries = 0, 0

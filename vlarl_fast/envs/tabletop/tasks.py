@@ -2,6 +2,8 @@
 
 Every task has a fixed set of initial states generated from a per-task constant seed (like
 LIBERO's init files), so "task t, initial state k" names the same scene on every machine.
+A second stream from another seed holds held-out layouts: no demonstration, curriculum draw
+or RL episode is built from it, so success there measures generalisation to unseen scenes.
 Progress potentials Phi(state) in [0, 1] give the optional dense reward
 ``Phi(s') - Phi(s)`` (potential-based shaping with gamma = 1, which leaves the set of optimal
 policies unchanged for episodic tasks).
@@ -16,6 +18,9 @@ import numpy as np
 from .scene import CUBE_HALF, CUBES, ZONE_HALF, ZONES
 
 NUM_INIT_STATES = 20
+HELDOUT_LAYOUTS = 100     # held-out layouts per task
+# "fixed": the fixed initial states (training and the standard evaluation); "heldout": evaluation only
+SPLITS = ("fixed", "heldout")
 REACH_TOL = 0.03          # fingertip centre to cube centre (xy) for "reach"
 REACH_Z_TOL = 0.05
 LIFT_HEIGHT = 0.08        # cube centre height for "pick up"
@@ -83,11 +88,41 @@ def _sample_layout(rng: np.random.Generator) -> dict:
     raise RuntimeError("could not sample a tabletop layout")
 
 
-def layouts(task: TaskSpec, n: int) -> list[dict]:
-    """The first ``n`` layouts of the task's seeded layout stream."""
-    seed = zlib.crc32(task.task_id.encode())
-    rng = np.random.default_rng(seed)
+def _stream(seed_name: str, n: int) -> list[dict]:
+    rng = np.random.default_rng(zlib.crc32(seed_name.encode()))
     return [_sample_layout(rng) for _ in range(n)]
+
+
+def layouts(task: TaskSpec, n: int) -> list[dict]:
+    """The first ``n`` layouts of the task's seeded layout stream (fixed states, then demonstration layouts)."""
+    return _stream(task.task_id, n)
+
+
+def heldout_layouts(task: TaskSpec, n: int = HELDOUT_LAYOUTS) -> list[dict]:
+    """The first ``n`` layouts of the task's held-out stream, seeded apart from the training stream."""
+    return _stream(task.task_id + "/heldout", n)
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
+    return split
+
+
+def split_size(task: TaskSpec, split: str) -> int:
+    """How many layouts a split offers (the range of ``reset(options={"init_state": k})``)."""
+    return task.num_init_states if check_split(split) == "fixed" else HELDOUT_LAYOUTS
+
+
+def split_layouts(task: TaskSpec, split: str, demo_layouts: int = 0) -> list[dict]:
+    """The layouts an env on ``split`` resets to; ``demo_layouts`` widens the fixed split for recording
+    demonstrations, which must never see held-out scenes."""
+    if check_split(split) == "heldout":
+        if demo_layouts:
+            raise ValueError(f"demo_layouts={demo_layouts} records demonstrations, which must not see held-out "
+                             "layouts: build demonstration envs with split='fixed'")
+        return heldout_layouts(task, HELDOUT_LAYOUTS)
+    return init_states(task, demo_layouts)
 
 
 def init_states(task: TaskSpec, n: int | None = None) -> list[dict]:
