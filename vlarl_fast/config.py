@@ -54,7 +54,12 @@ def env_options(env: EnvConfig) -> dict:
 
 def vector_options(env: EnvConfig) -> dict:
     """VectorEnv's keyword options for a run's envs: the backend, and where worker processes render."""
-    return {"backend": env.backend, **({"render_devices": env.render_device} if env.backend == "process" else {})}
+    return vector_kwargs(env.backend, env.render_device)
+
+
+def vector_kwargs(backend: str, render_device: str) -> dict:
+    """VectorEnv's keywords for a backend and a render device: only worker processes take the device."""
+    return {"backend": backend, **({"render_devices": render_device} if backend == "process" else {})}
 
 
 def resolve_env(env: EnvConfig) -> EnvConfig:

@@ -23,6 +23,7 @@ IDENTITY = "identity"
 LIBERO_OPENVLA = "libero-openvla"
 CONVENTIONS = (IDENTITY, LIBERO_OPENVLA)
 AUTO = "auto"   # a checkpoint's recorded convention, else the one its statistics key implies
+RECORD_KEY = "action_convention"   # the key a checkpoint saved here records it under (OpenVLA's: vlarl_ prefixed)
 
 
 class ActionConventionError(ValueError):
@@ -42,15 +43,21 @@ def infer_convention(unnorm_key: str | None) -> str:
     return LIBERO_OPENVLA if unnorm_key is not None and unnorm_key.lower().startswith("libero") else IDENTITY
 
 
-def resolve_convention(requested: str, *, recorded: str | None, unnorm_key: str | None) -> str:
+def resolve_convention(requested: str, *, recorded: str | None, unnorm_key: str | None,
+                       source: str | None = None, key: str = RECORD_KEY) -> str:
     """An explicit request wins; 'auto' takes what the checkpoint recorded (one saved here), else infers from
     the statistics key (a checkpoint from elsewhere). Recorded beats inferred, so a checkpoint trained here
-    with a convention chosen by hand keeps it when loaded again."""
+    with a convention chosen by hand keeps it when loaded again. ``source`` and ``key`` (the file and key the
+    recorded value was read from) go into the error about a bad recorded value."""
     check_convention(requested, allow_auto=True)
     if requested != AUTO:
         return requested
     if recorded is not None:
-        return check_convention(recorded)
+        try:
+            return check_convention(recorded)
+        except ActionConventionError as e:
+            where = f" ({source} records {recorded!r} under {key})" if source else ""
+            raise ActionConventionError(f"{e}{where}") from None
     return infer_convention(unnorm_key)
 
 

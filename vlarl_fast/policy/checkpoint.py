@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from .action_convention import AUTO, ActionConventionError, resolve_convention
+from .action_convention import AUTO, RECORD_KEY, ActionConventionError, resolve_convention
 from .action_tokenizer import NormStats
 from .atomic_dir import atomic_directory
 from .critic import load_critic, save_critic
@@ -35,7 +35,6 @@ CONFIG = "config.json"
 STATS = "dataset_statistics.json"
 PRESETS = ("tiny",)
 DEFAULT_VALUE_HIDDEN = 1024
-CONVENTION_KEY = "action_convention"
 
 
 class CheckpointError(ValueError):
@@ -72,7 +71,7 @@ def _save_model(policy: VLAPolicy, tmp: Path, extra: dict | None) -> None:
             policy.norm_stats.save(tmp / STATS)
         return
     cfg = policy.config.to_dict()
-    (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}, CONVENTION_KEY: policy.action_convention},
+    (tmp / CONFIG).write_text(json.dumps(cfg | {"extra": extra or {}, RECORD_KEY: policy.action_convention},
                                          indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in base_state_dict(policy.model.state_dict()).items()}
     save_file(state, str(tmp / WEIGHTS))
@@ -101,9 +100,9 @@ def load_policy(path: str | os.PathLike, device="cpu", *, unnorm_key: str | None
 
 def _convention(requested: str, recorded: str | None, source: Path) -> str:
     try:
-        return resolve_convention(requested, recorded=recorded, unnorm_key=None)
+        return resolve_convention(requested, recorded=recorded, unnorm_key=None, source=str(source))
     except ActionConventionError as e:
-        raise CheckpointError(f"{e}" + (f" ({source} records {recorded!r})" if requested == AUTO else "")) from None
+        raise CheckpointError(str(e)) from None
 
 
 def _load_model(path: Path, device, unnorm_key, dtype, value_hidden, action_convention) -> VLAPolicy:
@@ -119,7 +118,7 @@ def _load_model(path: Path, device, unnorm_key, dtype, value_hidden, action_conv
     from .hf_vlm import SETTINGS, is_hf_vlm_checkpoint, load_hf_vlm
     if path.is_dir() and is_hf_vlm_checkpoint(path):
         settings = json.loads((path / SETTINGS).read_text()) if (path / SETTINGS).is_file() else {}
-        convention = _convention(action_convention, settings.get(CONVENTION_KEY), path / SETTINGS)
+        convention = _convention(action_convention, settings.get(RECORD_KEY), path / SETTINGS)
         model, tok = load_hf_vlm(path, device=device, dtype=dtype)
         stats = NormStats.load(path / STATS) if (path / STATS).exists() else None
         return VLAPolicy(model, tok, stats, device=device, action_convention=convention)
@@ -133,7 +132,7 @@ def _load_model(path: Path, device, unnorm_key, dtype, value_hidden, action_conv
                               "and dataset_statistics.json, as written by `vlarl-fast train`/`sft`)")
     cfg = json.loads((path / CONFIG).read_text())
     cfg.pop("extra", None)
-    convention = _convention(action_convention, cfg.pop(CONVENTION_KEY, None), path / CONFIG)
+    convention = _convention(action_convention, cfg.pop(RECORD_KEY, None), path / CONFIG)
     if cfg.get("model_type") != VLAConfig.model_type:
         raise CheckpointError(f"{path} holds a {cfg.get('model_type')!r} model; this loader reads "
                               f"{VLAConfig.model_type!r} checkpoints")

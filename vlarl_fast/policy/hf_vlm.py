@@ -173,11 +173,12 @@ def save_hf_vlm(model: HFVLAModel, tokenizer, path: Path, *, action_convention: 
     ``action_convention`` (the policy's, ``action_convention.py``) is recorded among the settings."""
     from safetensors.torch import save_file
 
+    from .action_convention import RECORD_KEY
     from .lora import base_state_dict, save_adapter
     path = Path(path)
     model.vlm.save_pretrained(str(path), state_dict=base_state_dict(model.vlm.state_dict()))
     tokenizer.save_pretrained(str(path))
-    settings = model.config.to_dict() | ({} if action_convention is None else {"action_convention": action_convention})
+    settings = model.config.to_dict() | ({} if action_convention is None else {RECORD_KEY: action_convention})
     (path / SETTINGS).write_text(json.dumps(settings, indent=2))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
               str(path / VALUE_HEAD_FILE))

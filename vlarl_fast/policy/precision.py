@@ -195,6 +195,19 @@ def _stamp(p: torch.Tensor) -> tuple[int, int]:
     return p.data_ptr(), p._version
 
 
+def float32_training(policy, trained: list[torch.nn.Parameter]) -> MasterWeights:
+    """Float32 weights for whatever is trained: LoRA adapters and value heads become float32 in place (they
+    cast their inputs to their own dtype, so they run over a bfloat16 base as they are); every other trained
+    16-bit weight gets a float32 master copy (``MasterWeights``). Nothing changes in a float32
+    model."""
+    heads = list(policy.model.value_head.parameters())
+    if policy.critic is not None:
+        heads += list(policy.critic.value_head.parameters())
+    adapters = [p for n, p in policy.model.named_parameters() if "lora_" in n]
+    upcast_([p for p in heads + adapters if p.requires_grad])
+    return MasterWeights(trained)
+
+
 def check_float32_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Every parameter an optimiser steps must be float32 (``MasterWeights``, ``upcast_``): a 16-bit one
     loses its small updates to rounding."""

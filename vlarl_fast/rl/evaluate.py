@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from ..config import vector_kwargs
 from ..envs import VectorEnv, make_env
 from ..envs.registry import split_size
 from ..policy import VLAPolicy
@@ -75,8 +76,7 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
         opts["split"] = split
     fns = [(lambda t=t, i=i: make_env(t, image_size=image_size, seed=seed + 7919 * i, **opts))
            for i, t in enumerate(slot_task)]
-    venv = VectorEnv(fns, autoreset=False, backend=backend,
-                     **({"render_devices": render_device} if backend == "process" else {}))
+    venv = VectorEnv(fns, autoreset=False, **vector_kwargs(backend, render_device))
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     results: dict[str, list[bool]] = {t: [] for t in tasks}
     by_state: dict[str, list[list[bool]]] = {t: [[] for _ in range(n_states[t])] for t in tasks}

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ..policy import NormStats, VLAPolicy
-from ..policy.precision import MasterWeights, check_float32_optimizer, mixed_precision
-from .trainer import float32_training
+from ..policy.precision import MasterWeights, check_float32_optimizer, float32_training, mixed_precision
 
 
 def demos_to_arrays(episodes: list[dict]) -> dict:
@@ -44,7 +43,7 @@ def bc_optimizer(policy: VLAPolicy, params, *, lr: float, weight_decay: float
                  ) -> tuple[torch.optim.AdamW, MasterWeights]:
     """AdamW over ``params`` that steps float32 tensors only, and the master copies ``bc_step`` keeps in sync.
 
-    The split is PPO's (``trainer.float32_training``): LoRA adapters and value heads become float32 in place,
+    The split is PPO's (``precision.float32_training``): LoRA adapters and value heads become float32 in place,
     every other 16-bit weight gets a float32 master copy. On bfloat16 weights Adam's steps of a relative
     1e-4 fall below half a bfloat16 step and round away; the masters accumulate them. A float32 model gets
     no master copies: AdamW then steps its weights themselves."""

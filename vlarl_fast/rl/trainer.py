@@ -26,7 +26,7 @@ from ..config import PPOConfig
 from ..envs import VectorEnv
 from ..kernels import gae
 from ..policy import VLAPolicy
-from ..policy.precision import MasterWeights, check_float32_optimizer, rollout_matches_update, upcast_
+from ..policy.precision import check_float32_optimizer, float32_training, rollout_matches_update
 from ..policy.protocol import update_mode
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
@@ -84,19 +84,6 @@ def train_lora_only(model, cfg: PPOConfig) -> None:
     value_ids = {id(p) for p in model.value_head.parameters()}
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or id(p) in value_ids)
-
-
-def float32_training(policy: VLAPolicy, trained: list[torch.nn.Parameter]) -> MasterWeights:
-    """Float32 weights for whatever is trained: LoRA adapters and value heads become float32 in place (they
-    cast their inputs to their own dtype, so they run over a bfloat16 base as they are); every other trained
-    16-bit weight gets a float32 master copy (``precision.MasterWeights``). Nothing changes in a float32
-    model."""
-    heads = list(policy.model.value_head.parameters())
-    if policy.critic is not None:
-        heads += list(policy.critic.value_head.parameters())
-    adapters = [p for n, p in policy.model.named_parameters() if "lora_" in n]
-    upcast_([p for p in heads + adapters if p.requires_grad])
-    return MasterWeights(trained)
 
 
 def resolve_recompute_logprobs(name: str, model) -> bool:

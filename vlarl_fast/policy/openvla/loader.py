@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaTokenizer
 
-from ..action_convention import AUTO, ActionConventionError, resolve_convention
+from ..action_convention import AUTO, RECORD_KEY, ActionConventionError, resolve_convention
 from ..action_tokenizer import ACTION_DIM, NormStats
 from ..checkpoint import CheckpointError
 from ..lora import load_adapter
@@ -46,7 +46,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 STATS = "dataset_statistics.json"
 PREPROCESSOR = "preprocessor_config.json"
 VALUE_HEAD_FILE = "vlarl_value_head.safetensors"
-CONVENTION_KEY = "vlarl_action_convention"  # in config.json, beside vlarl_extra: OpenVLA's code ignores both
+CONVENTION_KEY = "vlarl_" + RECORD_KEY  # in config.json, beside vlarl_extra: OpenVLA's code ignores both
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 LAYOUT = ("config.json, model.safetensors.index.json + its shards (or model.safetensors), tokenizer files "
           "and dataset_statistics.json")
@@ -139,10 +139,10 @@ def read_action_convention(path: Path, requested: str, unnorm_key: str | None) -
     the statistics key implies: OpenVLA's LIBERO fine-tunes (``libero_*``) flip and binarise the gripper."""
     recorded = json.loads((path / CONFIG).read_text()).get(CONVENTION_KEY)
     try:
-        return resolve_convention(requested, recorded=recorded, unnorm_key=unnorm_key)
+        return resolve_convention(requested, recorded=recorded, unnorm_key=unnorm_key,
+                                  source=str(path / CONFIG), key=CONVENTION_KEY)
     except ActionConventionError as e:
-        where = f" ({path / CONFIG} records {recorded!r} under {CONVENTION_KEY})" if requested == AUTO else ""
-        raise OpenVLACheckpointError(f"{e}{where}") from None
+        raise OpenVLACheckpointError(str(e)) from None
 
 
 def weight_files(path: Path) -> list[Path]:
