@@ -44,8 +44,8 @@ def test_smoke_train_writes_every_output(tmp_path, capsys):
     for key in ("sft_success", "rl_success", "eval_episodes", "env_steps", "wall_time_s"):
         assert key in summary
     assert summary["eval_episodes"] == 2 and summary["env_steps"] == 2 * 4 * 4
-    # the held-out evaluation is off by default
-    assert summary["heldout_sft_success"] is summary["heldout_rl_success"] is summary["heldout_episodes"] is None
+    # every run evaluates on held-out layouts too (the smoke preset on 2 per task)
+    assert summary["heldout_episodes"] == 2 and 0.0 <= summary["heldout_rl_success"] <= 1.0
     assert (out / "success.png").stat().st_size > 1000
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
     load_policy(out / "checkpoints" / "final")
@@ -170,9 +170,32 @@ def test_smoke_train_with_heldout_evaluation(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_episodes"] == 3
     assert 0.0 <= summary["heldout_sft_success"] <= 1.0 and 0.0 <= summary["heldout_rl_success"] <= 1.0
-    assert "Success per task on held-out layouts" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    # one final table: the fixed states' columns, then the held-out layouts' beside them
+    assert "Success per task: fixed initial states and held-out layouts" in text
+    header = text[text.index("Success per task: fixed"):text.index("reach_red")]
+    assert header.index("fixed") < header.index("held-out") and header.count("delta") == 2
+    assert set(summary["heldout_rl_per_task"]) == {"tabletop/reach_red"} and summary["rl_layouts"] == "fixed"
     with pytest.raises(SystemExit, match=r"--eval.heldout-episodes 101 is outside \[0, 100\]"):
         main(["train", "--preset", "smoke", "--output-dir", str(out), "--eval.heldout-episodes", "101"])
+
+
+def test_smoke_train_practises_on_the_open_stream(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "smoke", "--output-dir", str(out), "--progress", "False",
+                 "--ppo.layouts", "open", "--eval.heldout-episodes", "0"]) == 0
+    state = json.loads((out / "checkpoints" / "final" / "curriculum.json").read_text())
+    # 2 iterations of 4 envs x 4 steps on a 25-step task: the first draws were fresh layouts 0, 1, ...
+    assert state["kind"] == "open" and state["next_fresh"]["tabletop/reach_red"] >= 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heldout_sft_success"] is summary["heldout_rl_success"] is summary["heldout_episodes"] is None
+    # resuming on the fixed states cannot take the open stream's statistics
+    with pytest.raises(SystemExit, match="open stream of layouts"):
+        main(["train", "--preset", "smoke", "--output-dir", str(tmp_path / "again"), "--progress", "False",
+              "--skip-sft", "True", "--policy.policy", str(out / "checkpoints" / "final")])
+    with pytest.raises(SystemExit, match="--ppo.layouts open: libero_spatial/0 has no 'open' split"):
+        main(["train", "--env", "libero", "--env.tasks", "libero_spatial/0", "--skip-sft", "True",
+              "--ppo.layouts", "open", "--output-dir", str(tmp_path / "lib")])
 
 
 def test_training_envs_refuse_the_heldout_split_even_if_asked(tmp_path, monkeypatch):

@@ -57,6 +57,13 @@ def test_heldout_split_counts_its_own_layouts_and_libero_has_none():
         states_per_task(["libero_spatial/0"], 0, "heldout")
 
 
+def test_open_stream_evaluation_names_its_length():
+    tasks = list(TASKS)[:2]
+    assert count_episodes(tasks, 5, 1, split="open") == 10
+    with pytest.raises(ValueError, match="open stream of training layouts has no end.*--init-states N"):
+        states_per_task(tasks, 0, "open")
+
+
 def test_heldout_evaluation_deals_episodes_over_heldout_layouts(monkeypatch):
     from vlarl_fast.envs.tabletop import TabletopEnv
     from vlarl_fast.envs.tabletop.scene import CUBES

@@ -215,7 +215,7 @@ def test_heldout_env_serves_only_heldout_layouts():
     assert len(drawn) > 1 and drawn <= set(range(HELDOUT_LAYOUTS))
     with pytest.raises(ValueError, match=r"init_state must be in \[0, 100\)"):
         env.reset(options={"init_state": HELDOUT_LAYOUTS})
-    with pytest.raises(ValueError, match="split must be one of 'fixed', 'heldout'"):
+    with pytest.raises(ValueError, match="split must be one of 'fixed', 'open', 'heldout'"):
         make_env(spec.task_id, split="test")
 
 
@@ -234,3 +234,52 @@ def test_training_envs_cannot_be_built_on_the_heldout_split(monkeypatch):
     monkeypatch.setattr(registry, "TRAINING_SPLITS", ())
     with pytest.raises(ValueError, match="reserved for evaluation"):
         collect_demos(["tabletop/reach_red"], 1, image_size=16)
+
+
+@pytest.mark.parametrize("task_id", TASKS)
+def test_open_stream_is_random_access_reproducible_and_never_heldout(task_id):
+    """RL on the open stream draws layouts by index: each index names one scene everywhere, indices give
+    distinct scenes, and none of its first 4,000 is within 1 mm of a held-out scene."""
+    from vlarl_fast.envs.tabletop.tasks import TASKS, heldout_layouts, layouts, open_layout
+    spec = TASKS[task_id]
+    opened = _cube_xy([open_layout(spec, k) for k in range(4_000)])
+    held = _cube_xy(heldout_layouts(spec))
+    closest = np.array([np.abs(opened - h).max(axis=1).min() for h in held])
+    assert closest.min() > 1e-3
+    assert len({tuple(np.round(o, 6)) for o in opened}) == 4_000
+    np.testing.assert_array_equal(_cube_xy([open_layout(spec, 3_777)]), opened[3_777:3_778])
+    # nor does it repeat the fixed states and demonstration layouts
+    fixed = _cube_xy(layouts(spec, 50))
+    assert min(np.abs(opened - f).max(axis=1).min() for f in fixed) > 1e-3
+
+
+def test_an_open_layout_equal_to_a_heldout_one_is_redrawn(monkeypatch):
+    from vlarl_fast.envs.tabletop import tasks as T
+    spec = T.TASKS["tabletop/lift_green"]
+    first, other = T.open_layout(spec, 3), T.open_layout(spec, 4)
+    # pretend the open stream's layout 3 were a held-out scene: the stream must hand out another
+    monkeypatch.setattr(T, "_heldout_keys", lambda task_id: frozenset({T.layout_key(first)}))
+    assert T.layout_key(T.open_layout(spec, 3)) != T.layout_key(first)
+    assert T.layout_key(T.open_layout(spec, 4)) == T.layout_key(other)
+
+
+def test_open_env_serves_the_stream_by_index_and_fresh_scenes_at_random():
+    from vlarl_fast.envs import make_training_env
+    from vlarl_fast.envs.tabletop.scene import CUBES
+    from vlarl_fast.envs.tabletop.tasks import OPEN_LAYOUTS, TASKS, open_layout
+    spec = TASKS["tabletop/place_blue_on_purple"]
+    env = make_training_env(spec.task_id, image_size=16, split="open", seed=0)
+
+    def cubes():
+        return np.array([env.unwrapped._cube_pos(c)[:2] for c in CUBES])
+
+    for k in (0, 123_456, OPEN_LAYOUTS - 1):
+        _, info = env.reset(options={"init_state": k})
+        assert info["split"] == "open" and info["init_state"] == k
+        np.testing.assert_allclose(cubes(), [open_layout(spec, k)["cubes"][c] for c in CUBES], atol=1e-9)
+    drawn = {env.reset(seed=s)[1]["init_state"] for s in range(8)}
+    assert len(drawn) == 8
+    with pytest.raises(ValueError, match=r"init_state must be in \[0, 4611686018427387904\) on the open split"):
+        env.reset(options={"init_state": -1})
+    with pytest.raises(ValueError, match="demo_layouts widens the fixed split"):
+        make_env(spec.task_id, split="open", demo_layouts=50)

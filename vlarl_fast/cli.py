@@ -43,8 +43,10 @@ class EvalCommand:
     held-out split 1)."""
     init_states: int = 0
     """Use only the first K initial states (layouts of --split) of each task (0: all)."""
-    split: Literal["fixed", "heldout"] = "fixed"
-    """Layouts to evaluate on: the fixed initial states, or held-out tabletop layouts no training run uses (100)."""
+    split: Literal["fixed", "open", "heldout"] = "fixed"
+    """Layouts to evaluate on: the fixed initial states; 'heldout', the tabletop's 100 held-out layouts per task that
+    no training run uses; 'open', the first --init-states layouts of the tabletop's open training stream (what RL
+    with --ppo.layouts open practises on)."""
     greedy: bool = False
     """Greedy decoding; by default actions are sampled at --temperature."""
     temperature: float = 1.0
@@ -160,8 +162,8 @@ def cmd_eval(args: list[str]) -> int:
     cfg = _parse(EvalCommand, args, "vlarl-fast eval")
     out = prepare_output_dir(cfg.output_dir)
     env, tasks = eval_env(cfg)
-    # the held-out split has many layouts: one episode on each is its protocol
-    per_state = cfg.episodes_per_state or (1 if cfg.split == "heldout" else EPISODES_PER_STATE[cfg.env])
+    # the held-out and open splits have many layouts: one episode on each is their protocol
+    per_state = cfg.episodes_per_state or (1 if cfg.split != "fixed" else EPISODES_PER_STATE[cfg.env])
     try:
         n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task, split=cfg.split)
     except ValueError as e:
@@ -184,7 +186,7 @@ def cmd_eval(args: list[str]) -> int:
             "temperature": cfg.temperature, "seed": cfg.seed, "max_episode_steps": cfg.max_episode_steps,
             "videos": [str(f.relative_to(out)) for f in files]}
     write_json_atomic(out / "results.json", res | meta)
-    where = meta["suite"] + (" (held-out layouts)" if cfg.split == "heldout" else "")
+    where = meta["suite"] + {"fixed": "", "heldout": " (held-out layouts)", "open": " (open-stream layouts)"}[cfg.split]
     plot_task_success(res, out / "success.png", title=f"{cfg.policy} on {where}")
     console.print(f"wrote {out / 'results.json'}, {out / 'success.png'}"
                   f"{f' and {len(files)} videos in ' + str(out / 'videos') if files else ''}")

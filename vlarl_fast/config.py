@@ -226,10 +226,20 @@ class PPOConfig:
     """Linear layers of the language model that get adapters."""
     freeze_vision: bool = True
     """Keep the vision tower frozen during RL (its features are cached from the rollout)."""
+    layouts: Literal["fixed", "open"] = "fixed"
+    """Layouts RL practises on: 'fixed', each task's fixed initial states (LIBERO's protocol); 'open', the open
+    stream of training layouts, a fresh scene for every new draw (tabletop only; the held-out layouts are never
+    drawn)."""
     curriculum: bool = True
     """Draw each episode's initial state by VLA-RL's curriculum (unvisited pairs first, then favour pairs
-    solved about half the time). Its statistics are saved as curriculum.json in the final checkpoint and
-    restored when --skip-sft True starts from that checkpoint."""
+    solved about half the time; on the open stream, a fresh layout or a replay of one already tried). Its
+    statistics are saved as curriculum.json in the final checkpoint and restored when --skip-sft True starts
+    from that checkpoint."""
+    curriculum_fresh: float = 0.5
+    """With --ppo.layouts open: share of draws that are a layout never tried; the rest replay tried layouts by
+    the curriculum's weights."""
+    curriculum_pool: int = 256
+    """With --ppo.layouts open: tried layouts kept for replay per task (the one that teaches least leaves)."""
     curriculum_temperature: float = 0.1
     """Sharpness of the curriculum: weight exp((0.5 - |success - 0.5|) / temperature)."""
     curriculum_window: int = 8
@@ -270,9 +280,10 @@ class EvalConfig:
     """Initial states per task used for evaluation: the first K of the suite's fixed set (0: all)."""
     greedy: bool = False
     """Greedy decoding; by default actions are sampled at the rollout temperature."""
-    heldout_episodes: int = 0
+    heldout_episodes: int | None = None
     """Also evaluate the SFT and RL policies on this many held-out layouts per task, one episode each: scenes no
-    demonstration or RL episode saw (tabletop only, at most 100; 0: not run, summary.json's heldout_* are null)."""
+    demonstration or RL episode saw (tabletop only, at most 100; default: tabletop 100, LIBERO 0, which has none;
+    0: not run, summary.json's heldout_* are null)."""
 
 
 @dataclass
@@ -314,7 +325,7 @@ PRESETS: dict[str, dict] = {
               "sft": {"demos_per_task": 2, "epochs": 1},
               "ppo": {"iterations": 2, "num_steps": 4, "critic_warmup": 1, "minibatch_size": 8, "curriculum": True},
               "ire": {"every": 1, "steps": 2, "batch_size": 8},
-              "eval": {"episodes_per_state": 1, "init_states": 2}},
+              "eval": {"episodes_per_state": 1, "init_states": 2, "heldout_episodes": 2}},
 }
 
 

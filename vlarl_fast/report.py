@@ -15,29 +15,36 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def success_table(before: dict | None, after: dict | None, title: str = "Success per task"):
-    """A rich Table of per-task success (after SFT, after RL, delta)."""
+def success_table(before: dict | None, after: dict | None, title: str = "Success per task",
+                  heldout: tuple[dict | None, dict | None] | None = None):
+    """A rich Table of per-task success (after SFT, after RL, delta); ``heldout``: the same pair on held-out
+    layouts, as columns beside them (the suite's prefix then leaves the task names, to fit 80 columns)."""
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("task")
-    if before is not None:
-        table.add_column("after SFT", justify="right")
-    if after is not None:
-        table.add_column("after RL", justify="right")
-    if before is not None and after is not None:
-        table.add_column("delta", justify="right")
     tasks = list((before or after)["per_task"])
-    rows = tasks + ["average"]
-    for t in rows:
-        vals = []
-        for r in (before, after):
-            if r is not None:
-                vals.append(r["success"] if t == "average" else r["per_task"][t])
-        cells = [f"{100 * v:.1f}%" for v in vals]
-        if len(vals) == 2:
-            cells.append(f"{100 * (vals[1] - vals[0]):+.1f}")
-        table.add_row(t, *cells, style="bold" if t == "average" else None)
+    names = {t: t for t in tasks}
+    groups = [("", before, after)]
+    if heldout is not None and any(r is not None for r in heldout):
+        groups = [("fixed\n", before, after), ("held-out\n", *heldout)]
+        if len({t.partition("/")[0] for t in tasks}) == 1:
+            names = {t: t.partition("/")[2] or t for t in tasks}
+    table = Table(title=title)
+    table.add_column("task", no_wrap=True)
+    for prefix, b, a in groups:
+        if b is not None:
+            table.add_column(f"{prefix}SFT" if prefix else "after SFT", justify="right")
+        if a is not None:
+            table.add_column(f"{prefix}RL" if prefix else "after RL", justify="right")
+        if b is not None and a is not None:
+            table.add_column("delta", justify="right")
+    for t in tasks + ["average"]:
+        cells = []
+        for _, b, a in groups:
+            vals = [r["success"] if t == "average" else r["per_task"][t] for r in (b, a) if r is not None]
+            cells += [f"{100 * v:.1f}%" for v in vals]
+            if len(vals) == 2:
+                cells.append(f"{100 * (vals[1] - vals[0]):+.1f}")
+        table.add_row(names.get(t, t), *cells, style="bold" if t == "average" else None)
     return table
 
 

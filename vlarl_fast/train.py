@@ -86,8 +86,12 @@ def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str, split: str 
 
 
 def check_heldout_episodes(cfg: TrainConfig, tasks: list[str]) -> None:
-    """Fail before training when the held-out evaluation asked for cannot run."""
+    """Fill in the held-out evaluation's default (every held-out layout on the tabletop suite, none on LIBERO),
+    and fail before training when the one asked for cannot run."""
     from .envs import split_size
+    from .envs.tabletop.tasks import HELDOUT_LAYOUTS
+    if cfg.eval.heldout_episodes is None:
+        cfg.eval.heldout_episodes = HELDOUT_LAYOUTS if cfg.env.benchmark == "tabletop" else 0
     k = cfg.eval.heldout_episodes
     if k == 0:
         return
@@ -99,6 +103,28 @@ def check_heldout_episodes(cfg: TrainConfig, tasks: list[str]) -> None:
         if not 0 < k <= n:
             raise SystemExit(f"error: --eval.heldout-episodes {k} is outside [0, {n}] for {t} (it has {n} held-out "
                              "layouts; 0 skips the held-out evaluation)")
+
+
+def make_curriculum(ppo, tasks: list[str], seed: int):
+    """VLA-RL's curriculum over the layouts RL practises on: the fixed initial states, or the open stream."""
+    from .rl.curriculum import Curriculum, OpenCurriculum
+    common = dict(temperature=ppo.curriculum_temperature, window=ppo.curriculum_window, floor=ppo.curriculum_floor,
+                  seed=seed)
+    if ppo.layouts == "open":
+        return OpenCurriculum(tasks, fresh=ppo.curriculum_fresh, pool=ppo.curriculum_pool, **common)
+    return Curriculum({t: get_task(t).num_init_states for t in tasks}, **common)
+
+
+def check_layouts(cfg: TrainConfig, tasks: list[str]) -> None:
+    """--ppo.layouts open needs tasks that have an open stream (the tabletop suite's)."""
+    if cfg.ppo.layouts == "fixed":
+        return
+    from .envs import split_size
+    for t in tasks:
+        try:
+            split_size(t, cfg.ppo.layouts)
+        except ValueError as e:
+            raise SystemExit(f"error: --ppo.layouts {cfg.ppo.layouts}: {e}; use --ppo.layouts fixed") from None
 
 
 @contextlib.contextmanager
@@ -120,7 +146,6 @@ def train(cfg: TrainConfig) -> dict:
     from .envs.tabletop.expert import collect_demos
     from .policy.precision import resolve_bc_autocast
     from .rl.sft import demos_to_arrays, sft_train
-    from .rl.curriculum import Curriculum
     from .rl.ire import SupervisedStage
     from .rl.online_data import SuccessfulEpisodes
     from .rl.trainer import PPOTrainer
@@ -141,6 +166,7 @@ def train(cfg: TrainConfig) -> dict:
     out = prepare_output_dir(cfg.output_dir)
     tasks = resolve_tasks(cfg)
     check_heldout_episodes(cfg, tasks)
+    check_layouts(cfg, tasks)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
@@ -207,16 +233,18 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 2. PPO -----------------------------------------------------------------------------
         t0 = time.perf_counter()
         slot_task = [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
+        split = {} if cfg.ppo.layouts == "fixed" else {"split": cfg.ppo.layouts}   # LIBERO's envs take no split
         fns = [(lambda t=t, i=i: make_training_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                                   seed=cfg.seed * 1000 + i, **env_options(cfg.env)))
+                                                   seed=cfg.seed * 1000 + i, **split, **env_options(cfg.env)))
                for i, t in enumerate(slot_task)]
         curriculum = None
         if cfg.ppo.curriculum:
-            curriculum = Curriculum({t: get_task(t).num_init_states for t in tasks},
-                                    temperature=cfg.ppo.curriculum_temperature, window=cfg.ppo.curriculum_window,
-                                    floor=cfg.ppo.curriculum_floor, seed=cfg.seed)
+            curriculum = make_curriculum(cfg.ppo, tasks, cfg.seed)
             if cfg.skip_sft and Path(cfg.policy.policy).is_dir():
-                restored = curriculum.load(cfg.policy.policy)   # resuming: keep what was learnt about each pair
+                try:
+                    restored = curriculum.load(cfg.policy.policy)   # resuming: keep what was learnt about each pair
+                except ValueError as e:
+                    raise SystemExit(f"error: {e}") from None
                 if restored:
                     console.print(f"curriculum: statistics of {len(restored)} tasks restored from {cfg.policy.policy}")
         recorder = stage = None
@@ -283,13 +311,11 @@ def train(cfg: TrainConfig) -> dict:
             evals += [(0, heldout_sft["success"], "held-out eval before RL"),
                       (env_steps, heldout_rl["success"], "held-out eval after RL")]
         plot_success(history, evals, out / "success.png")
-        console.print(success_table(sft_eval, rl_eval))
     if rl_eval is None:
         save_policy(policy, out / "checkpoints" / "final", extra={"stage": "sft"})
-        if sft_eval is not None:
-            console.print(success_table(sft_eval, None))
-    if heldout_sft is not None:
-        console.print(success_table(heldout_sft, heldout_rl, title="Success per task on held-out layouts"))
+    console.print(success_table(sft_eval, rl_eval, heldout=(heldout_sft, heldout_rl),
+                                title="Success per task: fixed initial states and held-out layouts"
+                                if heldout_sft is not None else "Success per task"))
     summary.update({
         "sft_success": None if sft_eval is None else sft_eval["success"],
         "rl_success": None if rl_eval is None else rl_eval["success"],
@@ -303,6 +329,9 @@ def train(cfg: TrainConfig) -> dict:
         "heldout_sft_success": None if heldout_sft is None else heldout_sft["success"],
         "heldout_rl_success": None if heldout_rl is None else heldout_rl["success"],
         "heldout_episodes": None if heldout_sft is None else heldout_sft["episodes"],
+        "heldout_sft_per_task": None if heldout_sft is None else heldout_sft["per_task"],
+        "heldout_rl_per_task": None if heldout_rl is None else heldout_rl["per_task"],
+        "rl_layouts": cfg.ppo.layouts,
         "eval_greedy": cfg.eval.greedy,
         "reward": cfg.env.reward,
     })

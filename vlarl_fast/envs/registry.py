@@ -54,7 +54,7 @@ def make_env(task_id: str, *, image_size: int | None = None, seed: int | None = 
              reward: str | None = None, **options):
     """A gymnasium env for one task. ``image_size`` and ``reward`` default per suite (tabletop: 64,
     'dense'; LIBERO: 224, 'sparse'). Tabletop options: shaping_coef, max_delta, max_rot,
-    max_episode_steps, split ('fixed' or 'heldout'); LIBERO's: see ``vlarl_fast.envs.libero.make_env``."""
+    max_episode_steps, split ('fixed', 'open' or 'heldout'); LIBERO's: see ``vlarl_fast.envs.libero.make_env``."""
     task = get_task(task_id)
     if not isinstance(task, TaskSpec):
         from .libero import LiberoEnv
@@ -67,7 +67,7 @@ def make_env(task_id: str, *, image_size: int | None = None, seed: int | None = 
 
 # the splits an env that a policy learns from (demonstrations, RL rollouts, the curriculum) may use;
 # "heldout" is absent so held-out layouts stay unseen until evaluation
-TRAINING_SPLITS = ("fixed",)
+TRAINING_SPLITS = ("fixed", "open")
 
 
 def make_training_env(task_id: str, **kwargs):
@@ -80,12 +80,13 @@ def make_training_env(task_id: str, **kwargs):
 
 
 def split_size(task_id: str, split: str) -> int:
-    """How many layouts ``split`` offers for a task: its fixed initial states, or (tabletop only) held-out ones."""
+    """How many layouts ``split`` offers for a task: its fixed initial states, or (tabletop only) the open
+    stream's index range or its held-out layouts."""
     tabletop_tasks.check_split(split)
     task = get_task(task_id)
     if isinstance(task, TaskSpec):
         return tabletop_tasks.split_size(task, split)
     if split != "fixed":
-        raise ValueError(f"{task_id} has no {split!r} split: held-out layouts exist for the tabletop suite only; "
-                         "evaluate LIBERO tasks on their fixed initial states (split 'fixed')")
+        raise ValueError(f"{task_id} has no {split!r} split: open and held-out layouts exist for the tabletop suite "
+                         "only; train and evaluate LIBERO tasks on their fixed initial states (split 'fixed')")
     return task.num_init_states

@@ -1,7 +1,8 @@
 """Evaluation over every (task, initial state) pair, vectorised.
 
 ``split`` names the layouts the initial states are: "fixed" (the task's fixed initial states, which
-training also uses) or "heldout" (tabletop layouts no demonstration or RL episode sees).
+training also uses), "open" (the first layouts of the tabletop's open training stream) or "heldout"
+(tabletop layouts no demonstration or RL episode sees).
 
 Each env slot is bound to one task; the (init state, repeat) jobs of that task are dealt to its
 slots, and slots step (as a batch) until every job has finished. Only busy slots are stepped.
@@ -27,6 +28,9 @@ def states_per_task(tasks: list[str], init_states: int, split: str = "fixed") ->
     what = "initial states" if split == "fixed" else f"{split} layouts"
     for t in tasks:
         n = split_size(t, split)
+        if split == "open" and init_states == 0:
+            raise ValueError("the open stream of training layouts has no end: name how many of its first layouts "
+                             "to evaluate with --init-states N (one episode each)")
         if init_states < 0 or init_states > n:
             raise ValueError(f"--eval.init-states {init_states} is outside [0, {n}] for {t} (it has {n} {what}; "
                              f"0 evaluates all of them)")

@@ -13,8 +13,9 @@ workspace (3), sin and cos of the yaw (2), finger opening in [0, 1] (1), whether
 held (1), the last gripper command (1).
 
 ``split`` chooses the layouts ``reset`` draws from (``options={"init_state": k}`` picks layout k, no
-option a random one): "fixed", the task's fixed initial states, or "heldout", layouts reserved for
-evaluation (see ``tasks``). The reset info names the split.
+option a random one): "fixed", the task's fixed initial states; "open", the open stream of training
+layouts (any k in [0, 2**62): a fresh scene per index); or "heldout", layouts reserved for evaluation
+(see ``tasks``). The reset info names the split.
 """
 from __future__ import annotations
 
@@ -110,8 +111,13 @@ class TabletopEnv(gym.Env):
         self._zone_mid = {z: mocap(f"zone_{z}") for z in ZONES}
         self._hand, self._fl, self._fr = mocap("hand"), mocap("finger_left"), mocap("finger_right")
         # demo_layouts > num_init_states widens the set for recording demonstrations only
-        self._init_states = T.split_layouts(task, split, demo_layouts)
         self.split = split
+        if split == "open":
+            if demo_layouts:
+                raise ValueError("demo_layouts widens the fixed split; the open split already offers every layout")
+            self._init_states = None
+        else:
+            self._init_states = T.split_layouts(task, split, demo_layouts)
         self._lo, self._hi = np.array(WORKSPACE_LOW), np.array(WORKSPACE_HIGH)
         self._lo[2] = CUBE_HALF
         self.action_space = gym.spaces.Box(-1.0, 1.0, (7,), np.float32)
@@ -158,7 +164,7 @@ class TabletopEnv(gym.Env):
     def _reset_internal(self, k: int) -> None:
         mj, d = self._mj, self.data
         mj.mj_resetData(self.model, d)
-        s = self._init_states[k]
+        s = T.open_layout(self.task, k) if self._init_states is None else self._init_states[k]
         self.init_state = k
         self._zones = {z: np.array([*s["zones"][z], 0.0]) for z in ZONES}
         for z, mid in self._zone_mid.items():
@@ -205,10 +211,11 @@ class TabletopEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         k = (options or {}).get("init_state")
+        n = T.split_size(self.task, self.split) if self._init_states is None else len(self._init_states)
         if k is None:
-            k = int(self.np_random.integers(len(self._init_states)))
-        elif not 0 <= int(k) < len(self._init_states):
-            raise ValueError(f"init_state must be in [0, {len(self._init_states)}); got {k}")
+            k = int(self.np_random.integers(n))
+        elif not 0 <= int(k) < n:
+            raise ValueError(f"init_state must be in [0, {n}) on the {self.split} split; got {k}")
         self._reset_internal(int(k))
         return self._obs(), {"instruction": self.instruction, "task_id": self.task.task_id, "init_state": int(k),
                               "split": self.split}

@@ -2,14 +2,22 @@
 
 Every task has a fixed set of initial states generated from a per-task constant seed (like
 LIBERO's init files), so "task t, initial state k" names the same scene on every machine.
-A second stream from another seed holds held-out layouts: no demonstration, curriculum draw
-or RL episode is built from it, so success there measures generalisation to unseen scenes.
+Three splits of layouts per task:
+
+- "fixed": the first ``NUM_INIT_STATES`` layouts of the task's seeded stream (LIBERO's protocol trains and
+  evaluates on these); demonstrations may be recorded on more layouts of the same stream;
+- "open": the open stream of training layouts, layout ``k`` drawn from its own seed ``(task, k)`` (random
+  access, nothing stored), so RL can practise on a fresh scene every episode;
+- "heldout": ``HELDOUT_LAYOUTS`` layouts from a third seed, for evaluation only: no demonstration,
+  curriculum draw or RL episode is built from them (training envs refuse the split, and an open-stream
+  layout equal to a held-out one is redrawn), so success there measures generalisation to unseen scenes.
 Progress potentials Phi(state) in [0, 1] give the optional dense reward
 ``Phi(s') - Phi(s)`` (potential-based shaping with gamma = 1, which leaves the set of optimal
 policies unchanged for episodic tasks).
 """
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 
@@ -19,8 +27,10 @@ from .scene import CUBE_HALF, CUBES, ZONE_HALF, ZONES
 
 NUM_INIT_STATES = 20
 HELDOUT_LAYOUTS = 100     # held-out layouts per task
-# "fixed": the fixed initial states (training and the standard evaluation); "heldout": evaluation only
-SPLITS = ("fixed", "heldout")
+OPEN_LAYOUTS = 2 ** 62    # index range of the open training stream (unbounded in practice)
+# "fixed": the fixed initial states (training and the standard evaluation); "open": a fresh training layout
+# per index; "heldout": evaluation only
+SPLITS = ("fixed", "open", "heldout")
 REACH_TOL = 0.03          # fingertip centre to cube centre (xy) for "reach"
 REACH_Z_TOL = 0.05
 LIFT_HEIGHT = 0.08        # cube centre height for "pick up"
@@ -103,6 +113,30 @@ def heldout_layouts(task: TaskSpec, n: int = HELDOUT_LAYOUTS) -> list[dict]:
     return _stream(task.task_id + "/heldout", n)
 
 
+def layout_key(layout: dict) -> bytes:
+    """The exact positions of a layout's objects, as a hashable key (equal keys: the same scene)."""
+    parts = [layout["cubes"][c] for c in sorted(layout["cubes"])] + [layout["zones"][z] for z in sorted(layout["zones"])]
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]).tobytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _heldout_keys(task_id: str) -> frozenset:
+    return frozenset(layout_key(x) for x in heldout_layouts(TASKS[task_id]))
+
+
+def open_layout(task: TaskSpec, k: int) -> dict:
+    """Layout ``k`` of the task's open training stream: its own seed per index, so any index is drawn in
+    microseconds and names the same scene on every machine; never one of the held-out layouts."""
+    if not 0 <= k < OPEN_LAYOUTS:
+        raise ValueError(f"open-stream layout index must be in [0, 2**62); got {k}")
+    rng = np.random.default_rng([zlib.crc32((task.task_id + "/open").encode()), int(k)])
+    heldout = _heldout_keys(task.task_id)
+    while True:
+        layout = _sample_layout(rng)
+        if layout_key(layout) not in heldout:
+            return layout
+
+
 def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
@@ -111,12 +145,14 @@ def check_split(split: str) -> str:
 
 def split_size(task: TaskSpec, split: str) -> int:
     """How many layouts a split offers (the range of ``reset(options={"init_state": k})``)."""
-    return task.num_init_states if check_split(split) == "fixed" else HELDOUT_LAYOUTS
+    return {"fixed": task.num_init_states, "open": OPEN_LAYOUTS, "heldout": HELDOUT_LAYOUTS}[check_split(split)]
 
 
 def split_layouts(task: TaskSpec, split: str, demo_layouts: int = 0) -> list[dict]:
     """The layouts an env on ``split`` resets to; ``demo_layouts`` widens the fixed split for recording
-    demonstrations, which must never see held-out scenes."""
+    demonstrations, which must never see held-out scenes. The open split has no list (``open_layout``)."""
+    if check_split(split) == "open":
+        raise ValueError("the open split is drawn layout by layout: use open_layout(task, k)")
     if check_split(split) == "heldout":
         if demo_layouts:
             raise ValueError(f"demo_layouts={demo_layouts} records demonstrations, which must not see held-out "
