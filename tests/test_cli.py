@@ -175,7 +175,7 @@ def test_smoke_train_with_heldout_evaluation(tmp_path, capsys):
     assert "Success per task: fixed initial states and held-out layouts" in text
     header = text[text.index("Success per task: fixed"):text.index("reach_red")]
     assert header.index("fixed") < header.index("held-out") and header.count("delta") == 2
-    assert set(summary["heldout_rl_per_task"]) == {"tabletop/reach_red"} and summary["rl_layouts"] == "fixed"
+    assert set(summary["heldout_rl_per_task"]) == {"tabletop/reach_red"} and summary["rl_layouts"] == "open"   # auto: the tabletop has an open stream
     with pytest.raises(SystemExit, match=r"--eval.heldout-episodes 101 is outside \[0, 100\]"):
         main(["train", "--preset", "smoke", "--output-dir", str(out), "--eval.heldout-episodes", "101"])
 
@@ -192,10 +192,25 @@ def test_smoke_train_practises_on_the_open_stream(tmp_path):
     # resuming on the fixed states cannot take the open stream's statistics
     with pytest.raises(SystemExit, match="open stream of layouts"):
         main(["train", "--preset", "smoke", "--output-dir", str(tmp_path / "again"), "--progress", "False",
-              "--skip-sft", "True", "--policy.policy", str(out / "checkpoints" / "final")])
+              "--skip-sft", "True", "--ppo.layouts", "fixed", "--policy.policy", str(out / "checkpoints" / "final")])
     with pytest.raises(SystemExit, match="--ppo.layouts open: libero_spatial/0 has no 'open' split"):
         main(["train", "--env", "libero", "--env.tasks", "libero_spatial/0", "--skip-sft", "True",
               "--ppo.layouts", "open", "--output-dir", str(tmp_path / "lib")])
+
+
+def test_auto_layouts_take_the_open_stream_where_every_task_has_one():
+    from vlarl_fast.config import TrainConfig
+    from vlarl_fast.train import resolve_layouts
+    cfg = TrainConfig()
+    assert cfg.ppo.layouts == "auto"
+    assert resolve_layouts(cfg, ["tabletop/reach_red", "tabletop/lift_green"]) == "open"
+    # LIBERO's suites have only their fixed initial states: auto falls back, an explicit 'open' is refused
+    assert resolve_layouts(cfg, ["tabletop/reach_red", "libero_spatial/0"]) == "fixed"
+    cfg.ppo.layouts = "open"
+    with pytest.raises(SystemExit, match="--ppo.layouts open: libero_spatial/0 has no 'open' split"):
+        resolve_layouts(cfg, ["libero_spatial/0"])
+    cfg.ppo.layouts = "fixed"
+    assert resolve_layouts(cfg, ["tabletop/reach_red"]) == "fixed"
 
 
 def test_training_envs_refuse_the_heldout_split_even_if_asked(tmp_path, monkeypatch):
@@ -203,4 +218,4 @@ def test_training_envs_refuse_the_heldout_split_even_if_asked(tmp_path, monkeypa
     monkeypatch.setattr(train_module, "env_options", lambda env: {"split": "heldout"})
     with pytest.raises(ValueError, match="'heldout' is reserved for evaluation"):
         main(["train", "--preset", "smoke", "--output-dir", str(tmp_path / "run"), "--progress", "False",
-              "--env.backend", "inprocess"])
+              "--env.backend", "inprocess", "--ppo.layouts", "fixed"])

@@ -115,16 +115,36 @@ def make_curriculum(ppo, tasks: list[str], seed: int):
     return Curriculum({t: get_task(t).num_init_states for t in tasks}, **common)
 
 
-def check_layouts(cfg: TrainConfig, tasks: list[str]) -> None:
-    """--ppo.layouts open needs tasks that have an open stream (the tabletop suite's)."""
+def resolve_layouts(cfg: TrainConfig, tasks: list[str]) -> str:
+    """The layouts RL practises on: --ppo.layouts open needs tasks that have an open stream (the tabletop
+    suite's); 'auto' takes the open stream where every task has one, else the fixed initial states."""
     if cfg.ppo.layouts == "fixed":
-        return
+        return "fixed"
     from .envs import split_size
     for t in tasks:
         try:
-            split_size(t, cfg.ppo.layouts)
+            split_size(t, "open")
         except ValueError as e:
+            if cfg.ppo.layouts == "auto":
+                return "fixed"
             raise SystemExit(f"error: --ppo.layouts {cfg.ppo.layouts}: {e}; use --ppo.layouts fixed") from None
+    return "open"
+
+
+def load_reward_model(cfg: TrainConfig):
+    """--reward.prm: the reward model, loaded before anything is trained so that a wrong path fails at once."""
+    if cfg.reward.prm is None:
+        return None
+    from .prm.model import RewardModel
+    try:
+        rm = RewardModel.load(cfg.reward.prm, device=cfg.device, dtype=cfg.policy.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --reward.prm: {e}") from None
+    size = getattr(rm.policy.config, "image_size", None)
+    if size is not None and cfg.env.image_size is not None and size != cfg.env.image_size:
+        raise SystemExit(f"error: --reward.prm {cfg.reward.prm} scores {size} px images but the envs render "
+                         f"{cfg.env.image_size} px: train the reward model at --env.image-size {cfg.env.image_size}")
+    return rm
 
 
 @contextlib.contextmanager
@@ -166,7 +186,8 @@ def train(cfg: TrainConfig) -> dict:
     out = prepare_output_dir(cfg.output_dir)
     tasks = resolve_tasks(cfg)
     check_heldout_episodes(cfg, tasks)
-    check_layouts(cfg, tasks)
+    cfg.ppo = dataclasses.replace(cfg.ppo, layouts=resolve_layouts(cfg, tasks))
+    reward_model = load_reward_model(cfg)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
@@ -258,8 +279,13 @@ def train(cfg: TrainConfig) -> dict:
                                     balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
         envs = VectorEnv(fns, **vector_options(cfg.env), reset_options=None if curriculum is None else
                          (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
+        shaping = None
+        if reward_model is not None:
+            from .prm.shaping import PRMShaping
+            shaping = PRMShaping(reward_model, cfg.reward.prm_coef, cfg.ppo.gamma, cfg.reward.prm_batch_size)
         try:
-            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder)
+            trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
+                                 shaping=shaping)
             with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar:
                 for _ in range(cfg.ppo.iterations):
                     st = trainer.train_iteration()
@@ -275,6 +301,7 @@ def train(cfg: TrainConfig) -> dict:
                               f"approx_kl {st.approx_kl:6.4f} | clipfrac {st.clipfrac:5.3f} | "
                               f"explained_var {st.explained_variance:5.2f} | v_loss {st.v_loss:6.4f} | "
                               f"entropy {st.entropy:5.3f}{' | critic warm-up' if st.critic_only else ''}"
+                              f"{f' | prm {st.prm_seconds:.1f} s' if shaping is not None else ''}"
                               f"{f' | skipped {st.skipped_updates} non-finite updates' if st.skipped_updates else ''}")
                     if stage is not None and st.iteration % cfg.ire.every == 0:
                         t1 = time.perf_counter()
@@ -289,6 +316,9 @@ def train(cfg: TrainConfig) -> dict:
         finally:
             envs.close()
         timings["rl_s"] = time.perf_counter() - t0
+        if shaping is not None:
+            timings["prm_s"] = shaping.seconds
+            summary["prm_ms_per_step"] = 1000 * shaping.seconds / max(1, shaping.steps)
         final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
                                                                            "iterations": cfg.ppo.iterations})
         if curriculum is not None:
@@ -334,6 +364,10 @@ def train(cfg: TrainConfig) -> dict:
         "rl_layouts": cfg.ppo.layouts,
         "eval_greedy": cfg.eval.greedy,
         "reward": cfg.env.reward,
+        "prm": cfg.reward.prm,
+        "prm_coef": None if cfg.reward.prm is None else cfg.reward.prm_coef,
+        # the reward model's share of the whole run's time
+        "prm_share": None if "prm_s" not in timings else timings["prm_s"] / (time.perf_counter() - t_start),
     })
     write_json_atomic(out / "summary.json", summary)
     logger.close()
