@@ -384,3 +384,52 @@ def test_train_cli_on_libero_runs_and_logs(assets, tmp_path, monkeypatch, capsys
     assert "iter   2" in text and "no action statistics" in text
     assert (out / "checkpoints" / "final" / "curriculum.json").is_file()
     assert json.loads((out / "config.json").read_text())["env"]["image_size"] == 224
+
+
+@pytest.mark.slow  # a few dozen LIBERO steps at 128 px, a tiny reward model and two PPO iterations; CI runs it
+def test_prm_on_libero_from_policy_rollouts_and_saved_episodes(assets, tmp_path, monkeypatch):
+    """`vlarl-fast prm --env libero --policy tiny` rolls the policy out (a random one: failures only) and adds a
+    saved episode file; the success in it comes from this test (the arm closes its gripper in place), since a
+    random policy never succeeds. Then `train --reward.prm` scores LIBERO's frames with what it wrote."""
+    import json
+
+    from vlarl_fast.cli import main
+    from vlarl_fast.envs import make_env
+    from vlarl_fast.prm.episodes import save_episodes
+    monkeypatch.setenv("VLARL_LIBERO_ASSETS", assets)
+    env = make_env(SPATIAL, assets=assets, image_size=128)
+    obs, info = env.reset(seed=0, options={"init_state": 0})
+    frames, states, actions = [], [], []
+    for t in range(8):
+        a = np.zeros(7, np.float32)
+        a[6] = 1.0 if t >= 4 else -1.0
+        frames.append(obs["image"])
+        states.append(obs["state"])
+        actions.append(a)
+        obs, *_ = env.step(a)
+    env.close()
+    save_episodes(tmp_path / "saved", [{"images": np.stack(frames), "states": np.stack(states),
+                                        "actions": np.stack(actions), "instruction": info["instruction"],
+                                        "success": True, "task_id": SPATIAL}])
+    out = tmp_path / "prm"
+    assert main(["prm", "--env", "libero", "--policy", "tiny", "--env.tasks", SPATIAL, "--env.image-size", "128",
+                 "--env.num-envs", "2", "--env.max-episode-steps", "6", "--data.policy-episodes", "2",
+                 "--data.episodes", str(tmp_path / "saved"), "--data.val-fraction", "0",
+                 "--model.hidden-size", "32", "--model.num-layers", "1", "--train.epochs", "1",
+                 "--output-dir", str(out), "--progress", "False"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    labels = json.loads((out / "labels.json").read_text())
+    assert summary["episodes"] == 3 and summary["successes"] == 1
+    rollouts = [lab for lab in labels if not lab["success"]]
+    assert len(rollouts) == 2 and all(lab["frames"] == 6 and set(lab["labels"]) == {0} for lab in rollouts)
+    saved = next(lab for lab in labels if lab["success"])
+    assert 5 in saved["keyframes"]              # action 4 closes the gripper: frame 5 shows it
+    run = tmp_path / "run"
+    assert main(["train", "--env", "libero", "--policy", "tiny", "--skip-sft", "True", "--env.tasks", SPATIAL,
+                 "--env.image-size", "128", "--env.num-envs", "2", "--env.max-episode-steps", "6",
+                 "--policy.hidden-size", "32", "--policy.num-layers", "1", "--ppo.iterations", "2",
+                 "--ppo.num-steps", "4", "--ppo.minibatch-size", "4", "--ppo.critic-warmup", "1", "--ire.every", "0",
+                 "--eval.init-states", "1", "--eval.episodes-per-state", "1", "--reward.prm", str(out),
+                 "--output-dir", str(run), "--progress", "False"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["reward"] == "sparse" and s["prm"] == str(out) and s["prm_ms_per_step"] > 0

@@ -1,4 +1,4 @@
-"""The `vlarl-fast` command: train, sft, eval, info."""
+"""The `vlarl-fast` command: train, sft, eval, prm, info."""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +6,16 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import TrainConfig, apply_presets
+from .config import PRESETS, TrainConfig, apply_presets
 
-USAGE = """usage: vlarl-fast {train,sft,eval,info} [options]
+USAGE = """usage: vlarl-fast {train,sft,eval,prm,info} [options]
 
   train   SFT on scripted demos -> PPO + iRe-VLA stages -> evaluation (no arguments: the built-in CPU
           default; --env libero --suite S --policy PATH: RL on LIBERO from a checkpoint)
   sft     supervised fine-tuning only (demos -> checkpoint -> evaluation)
   eval    evaluate a policy over the tasks and initial states of a suite (--env libero for LIBERO)
+  prm     train a robotic process reward model on segmented, pseudo-labelled trajectories (then
+          `vlarl-fast train --reward.prm DIR` uses it)
   info    versions, accelerators, render backend, compiled extension and Triton status
 
 `vlarl-fast COMMAND --help` lists every option of a command."""
@@ -87,13 +89,14 @@ class EvalCommand:
 EPISODES_PER_STATE = {"tabletop": 5, "libero": 1}
 
 
-def _base_train_config(args: list[str]) -> TrainConfig:
+def _base_config(cls, args: list[str], presets: dict):
+    """Defaults <- --preset <- --config, before tyro applies the rest of the command line."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(args)
     try:
-        return apply_presets(TrainConfig(), known.preset, known.config)
+        return apply_presets(cls(), known.preset, known.config, presets)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -105,22 +108,32 @@ def _parse(cls, args, prog, default=None):
 
 # short spellings of the most used train options (`vlarl-fast train --env libero --suite S --policy PATH`)
 TRAIN_ALIASES = {"--env": "--env.benchmark", "--suite": "--env.suite", "--policy": "--policy.policy"}
+PRM_ALIASES = {"--env": "--env.benchmark", "--suite": "--env.suite", "--policy": "--data.policy"}
 
 
-def expand_aliases(args: list[str]) -> list[str]:
+def expand_aliases(args: list[str], aliases: dict = TRAIN_ALIASES) -> list[str]:
     out = []
     for a in args:
         name, eq, value = a.partition("=")
-        if name in TRAIN_ALIASES:
-            a = TRAIN_ALIASES[name] + eq + value
+        if name in aliases:
+            a = aliases[name] + eq + value
         out.append(a)
     return out
+
+
+def cmd_prm(args: list[str]) -> int:
+    from .prm.config import PRM_PRESETS, PRMConfig
+    from .prm.run import run_prm
+    args = expand_aliases(args, PRM_ALIASES)
+    base = _base_config(PRMConfig, args, PRM_PRESETS)
+    run_prm(_parse(PRMConfig, args, "vlarl-fast prm", default=base))
+    return 0
 
 
 def cmd_train(args: list[str], prog="vlarl-fast train", sft_only: bool = False) -> int:
     from .train import train
     args = expand_aliases(args)
-    base = _base_train_config(args)
+    base = _base_config(TrainConfig, args, PRESETS)
     if sft_only:
         base.ppo.iterations = 0
     cfg = _parse(TrainConfig, args, prog, default=base)
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     handlers = {"train": lambda a: cmd_train(a), "sft": lambda a: cmd_train(a, "vlarl-fast sft", sft_only=True),
-                "eval": cmd_eval, "info": cmd_info}
+                "eval": cmd_eval, "prm": cmd_prm, "info": cmd_info}
     if cmd not in handlers:
         print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ training also uses), "open" (the first layouts of the tabletop's open training s
 
 Each env slot is bound to one task; the (init state, repeat) jobs of that task are dealt to its
 slots, and slots step (as a batch) until every job has finished. Only busy slots are stepped.
-The first ``record`` episodes of each task keep their frames (the policy's view) for videos.
+The first ``record`` episodes of each task keep their frames (the policy's view) for videos, with the
+proprio states and the actions taken (a reward model's training data).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
              record: int = 0, backend: str = "inprocess", render_device: str = "auto", split: str = "fixed") -> dict:
     """Returns {"per_task": {task: success rate}, "success": mean over episodes, "episodes": n, "env_steps": n,
     "per_state": {task: [success rate per initial state]}, "split": split}, plus "videos": {task:
-    [{"init_state", "success", "frames" [T, H, W, 3]}]} for the first ``record`` episodes of each task."""
+    [{"init_state", "success", "frames" [T, H, W, 3], "states" [T, D], "actions" [T, 7]}]} for the first
+    ``record`` episodes of each task."""
     n_states = states_per_task(tasks, init_states, split)
     jobs = episode_jobs(tasks, init_states, episodes_per_state, episodes_per_task, split)
     num_envs = max(len(tasks), min(num_envs, sum(len(j) for j in jobs.values())))
@@ -88,13 +90,13 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
     env_steps = 0
     videos: dict[str, list[dict]] = {t: [] for t in tasks}
     started = {t: 0 for t in tasks}
-    frames: dict[int, list[np.ndarray] | None] = {}
+    frames: dict[int, dict[str, list[np.ndarray]] | None] = {}
 
     def start(i: int) -> None:
         current[i] = queues[i].pop(0)
         venv.reset_env(i, options={"init_state": current[i]})
         t = slot_task[i]
-        frames[i] = [] if started[t] < record else None
+        frames[i] = {"frames": [], "states": [], "actions": []} if started[t] < record else None
         started[t] += 1
 
     try:
@@ -106,12 +108,14 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
         while active:
             ids = np.array(active)
             batch = venv.observations(ids)
-            for j, i in enumerate(ids):
-                if frames[i] is not None:
-                    frames[i].append(np.array(batch["image"][j]))
             instructions = venv.instructions
             out = policy.act(batch["image"], batch["state"], [instructions[i] for i in ids],
                              temperature=temperature, greedy=greedy, generator=gen)
+            for j, i in enumerate(ids):
+                if frames[i] is not None:
+                    for key, row in (("frames", batch["image"][j]), ("states", batch["state"][j]),
+                                     ("actions", out.actions[j])):
+                        frames[i][key].append(np.array(row))
             _, _, term, trunc, info = venv.step_envs(out.actions, ids)
             env_steps += len(ids)
             still = []
@@ -122,7 +126,7 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
                     by_state[slot_task[i]][current[i]].append(ok)
                     if frames[i] is not None:
                         videos[slot_task[i]].append({"init_state": current[i], "success": ok,
-                                                     "frames": np.stack(frames[i])})
+                                                     **{k: np.stack(v) for k, v in frames[i].items()}})
                     if progress is not None:
                         progress.update(1)
                     if queues[i]:

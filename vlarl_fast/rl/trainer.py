@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from .buffer import RolloutBuffer
 from .curriculum import Curriculum
 from .online_data import SuccessfulEpisodes
 from .ppo import explained_variance, normalize_advantages, normalize_advantages_grouped, ppo_losses
+
+if TYPE_CHECKING:
+    from ..prm.shaping import PRMShaping
 
 
 @dataclass
@@ -55,6 +59,7 @@ class IterationStats:
     first_approx_kl: float = math.nan
     first_clipfrac: float = math.nan
     rollout_logp_gap: float = math.nan    # mean |rollout log-prob - recomputed log-prob| per action
+    prm_seconds: float = math.nan         # time the reward model spent scoring this iteration's steps
 
 
 def freeze_below_top_layers(model, k: int) -> None:
@@ -113,8 +118,10 @@ def frozen_layer_cache(policy: VLAPolicy, cfg: PPOConfig) -> int | None:
 
 class PPOTrainer:
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
-                 curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None):
+                 curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None,
+                 shaping: PRMShaping | None = None):
         self.policy, self.envs, self.cfg = policy, envs, cfg
+        self.shaping = shaping     # the process reward model's potential-based term (prm/shaping.py)
         self.curriculum = curriculum
         self.recorder = recorder   # keeps successful episodes for iRe-VLA's supervised stage
         model = policy.model
@@ -140,6 +147,8 @@ class PPOTrainer:
         self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, device=policy.device)
         self.first_layer = frozen_layer_cache(policy, cfg)
         self.obs, _ = envs.reset(seed=seed)
+        if shaping is not None:
+            shaping.reset(self.obs, envs.instructions)
         self.iteration = 0
         self.global_step = 0
 
@@ -149,6 +158,7 @@ class PPOTrainer:
         cfg, buf, pol = self.cfg, self.buffer, self.policy
         pol.model.eval()
         successes, returns = [], []
+        prm_start = self.shaping.seconds if self.shaping is not None else 0.0
         for t in range(cfg.num_steps):
             instructions = self.envs.instructions
             out = pol.act(self.obs["image"], self.obs["state"], instructions, temperature=cfg.temperature,
@@ -161,6 +171,8 @@ class PPOTrainer:
             next_obs, reward, term, trunc, info = self.envs.step(out.actions)
             if not np.isfinite(reward).all():
                 raise FloatingPointError("non-finite reward from the environment")
+            if self.shaping is not None:
+                reward = self.shaping(reward, next_obs, self.envs.instructions, instructions, term, trunc, info)
             buf.rewards[t] = torch.as_tensor(reward)
             buf.terminated[t] = torch.as_tensor(term, dtype=torch.float32)
             buf.episode_end[t] = torch.as_tensor(term | trunc, dtype=torch.float32)
@@ -186,7 +198,8 @@ class PPOTrainer:
         ended = buf.episode_end.bool()
         buf.next_values = torch.where(ended, buf.next_values, following)
         buf.next_values[buf.terminated.bool()] = 0.0
-        return {"successes": successes, "returns": returns}
+        prm = self.shaping.seconds - prm_start if self.shaping is not None else math.nan
+        return {"successes": successes, "returns": returns, "prm_seconds": prm}
 
     # ---- update ----------------------------------------------------------------------------
     def update(self, critic_only: bool) -> dict:
@@ -311,6 +324,6 @@ class PPOTrainer:
             episode_return=float(np.mean(roll["returns"])) if n else math.nan,
             pg_loss=upd["pg_loss"], v_loss=upd["v_loss"], entropy=upd["entropy"], approx_kl=upd["approx_kl"],
             clipfrac=upd["clipfrac"], explained_variance=upd["explained_variance"], critic_only=critic_only,
-            skipped_updates=upd["skipped_updates"],
+            skipped_updates=upd["skipped_updates"], prm_seconds=roll["prm_seconds"],
             **{k: upd[k] for k in ("first_ratio_error", "first_approx_kl", "first_clipfrac", "rollout_logp_gap")
                if k in upd})
