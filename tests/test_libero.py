@@ -414,7 +414,7 @@ def test_prm_on_libero_from_policy_rollouts_and_saved_episodes(assets, tmp_path,
     out = tmp_path / "prm"
     assert main(["prm", "--env", "libero", "--policy", "tiny", "--env.tasks", SPATIAL, "--env.image-size", "128",
                  "--env.num-envs", "2", "--env.max-episode-steps", "6", "--data.policy-episodes", "2",
-                 "--data.episodes", str(tmp_path / "saved"), "--data.val-fraction", "0",
+                 "--data.episodes", str(tmp_path / "saved"), "--data.val-fraction", "0", "--segment.min-gap", "1",
                  "--model.hidden-size", "32", "--model.num-layers", "1", "--train.epochs", "1",
                  "--output-dir", str(out), "--progress", "False"]) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -60,7 +60,8 @@ class RewardModel:
             ids = self._ids.get(ins)
             if ids is None:
                 text = question_text(ins, self.question)
-                ids = self._ids[ins] = self._bos + list(self.policy.tokenizer(text, add_special_tokens=False)["input_ids"])
+                text_ids = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = self._ids[ins] = self._bos + list(text_ids)
             rows.append(ids)
         ids, mask = left_pad(rows, pad_id=self.policy.tokenizer.pad_token_id or 0)
         return ids.to(self.device), mask.to(self.device)

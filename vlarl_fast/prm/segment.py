@@ -63,5 +63,6 @@ def keyframes(gripper: np.ndarray, ee_pos: np.ndarray, cfg: SegmentConfig = Segm
     if not 0 < cfg.velocity_threshold < 1:
         raise ValueError(f"--segment.velocity-threshold is a share of the peak speed in (0, 1); got "
                          f"{cfg.velocity_threshold}")
-    events = np.concatenate([gripper_events(gripper, cfg.gripper_threshold), rest_onsets(ee_pos, cfg.velocity_threshold)])
+    events = np.concatenate([gripper_events(gripper, cfg.gripper_threshold),
+                             rest_onsets(ee_pos, cfg.velocity_threshold)])
     return merge_close(events, cfg.min_gap)
