@@ -260,3 +260,9 @@ def test_prm_smoke_writes_a_model_that_train_uses(tmp_path):
     with pytest.raises(SystemExit, match="scores 64 px images but the envs render 32 px"):
         main(["train", "--preset", "smoke", "--output-dir", str(run), "--reward.prm", str(d),
               "--env.image-size", "32"])
+
+
+def test_plotted_episodes_are_spread_over_the_tasks():
+    from vlarl_fast.prm.run import spread
+    assert spread(list(range(10)), 3) == [0, 4, 9]
+    assert spread([5], 3) == [5] and spread([], 2) == [] and spread([1, 2], 0) == []

@@ -53,6 +53,13 @@ def collect(cfg: PRMConfig, tasks: list[str], console) -> list[dict]:
     return episodes
 
 
+def spread(items: list[int], k: int) -> list[int]:
+    """Up to ``k`` items evenly spaced over the list (episodes come task by task: every task gets its turn)."""
+    if k <= 0 or not items:
+        return []
+    return [items[j] for j in sorted(set(np.linspace(0, len(items) - 1, min(k, len(items))).round().astype(int)))]
+
+
 def build_model(cfg: PRMConfig, instructions: list[str]) -> RewardModel:
     """A fresh tiny VLA, or a checkpoint to start from; its head is reset so that every frame starts at
     P = 0.5, and with --model.lora-rank only LoRA adapters and the head learn."""
@@ -139,8 +146,10 @@ def run_prm(cfg: PRMConfig) -> dict:
     # ---- 4. pictures and the summary --------------------------------------------------------
     if cfg.plots > 0:
         (out / "plots").mkdir(exist_ok=True)
-        shown = [i for i in val_ids if episodes[i]["success"]][:(cfg.plots + 1) // 2]
-        shown += [i for i in (val_ids.tolist() or train_ids.tolist()) if i not in shown][:cfg.plots - len(shown)]
+        pool = val_ids if len(val_ids) else train_ids
+        wins = [int(i) for i in pool if episodes[i]["success"]]
+        shown = spread(wins, (cfg.plots + 1) // 2)
+        shown += spread([int(i) for i in pool if int(i) not in shown], cfg.plots - len(shown))
         for i in shown:
             ep = episodes[i]
             probs = rm.score(ep["images"], ep["states"], [ep["instruction"]] * len(ep["images"]))
