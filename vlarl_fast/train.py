@@ -25,6 +25,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(cfg) -> None:
+    """What every command that trains does first: torch's threads, every seed, the benchmark's env defaults."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    try:
+        cfg.env = resolve_env(cfg.env)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def prepare_output_dir(path: str) -> Path:
     out = Path(path)
     try:
@@ -172,13 +183,7 @@ def train(cfg: TrainConfig) -> dict:
 
     console = Console()
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    try:
-        cfg.env = resolve_env(cfg.env)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    start_run(cfg)
     if cfg.env.benchmark != "tabletop" and not cfg.skip_sft:
         raise SystemExit(f"error: {cfg.env.benchmark} has no scripted expert to make SFT demonstrations: start RL from "
                          "a fine-tuned checkpoint with --skip-sft True --policy PATH (an OpenVLA fine-tuned on the "

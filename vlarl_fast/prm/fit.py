@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from ..rl.sft import bc_optimizer, lr_factor
+from ..rl.sft import bc_optimizer, gradient_step, lr_factor
 from .labels import IGNORE
 from .model import RewardModel
 
@@ -103,16 +103,7 @@ def fit(rm: RewardModel, train: dict, *, epochs: int, batch_size: int, lr: float
             logits = rm.logits(train["images"][idx], train["states"][idx], [train["instructions"][i] for i in idx])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[idx].to(rm.device),
                                                                         pos_weight=pos_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            trained = [p for p in model.parameters() if p.requires_grad]
-            if masters is not None:
-                masters.grads_to_masters()
-                trained = masters.of(trained)
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            opt.step()
-            if masters is not None:
-                masters.masters_to_model()
+            gradient_step(model, opt, loss, masters)
             sched.step()
             tot += float(loss.detach()) * len(idx)
             if progress is not None:

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import torch
 
-from ..config import env_options, resolve_env
+from ..config import env_options
 from ..envs import get_task
 from ..report import write_json_atomic
-from ..train import _bar, _Logger, prepare_output_dir, resolve_tasks, seed_everything
+from ..train import _bar, _Logger, prepare_output_dir, resolve_tasks, start_run
 from .config import PRMConfig
 from .episodes import expert_episodes, load_episodes, policy_episodes, save_episodes
 from .fit import evaluate_frames, fit, frames_of, split_episodes
@@ -88,13 +88,7 @@ def run_prm(cfg: PRMConfig) -> dict:
 
     console = Console()
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    try:
-        cfg.env = resolve_env(cfg.env)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    start_run(cfg)
     out = prepare_output_dir(cfg.output_dir)
     tasks = resolve_tasks(cfg)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -74,6 +74,14 @@ def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, s
         feats = model.encode_images(model.preprocess_images(imgs))
         logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
         loss = -logp.mean()
+    gradient_step(model, opt, loss, masters)
+    return float(loss.detach())
+
+
+def gradient_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
+                  masters: MasterWeights | None = None) -> None:
+    """Backward, then one step of ``opt`` (``bc_optimizer``'s) with the gradient norm clipped at 1, through the
+    float32 master copies where the model's weights are 16-bit."""
     opt.zero_grad(set_to_none=True)
     if masters is not None:
         # the optimiser clears only the masters' gradients: a 16-bit one left by anything else would add
@@ -89,7 +97,6 @@ def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, s
     opt.step()
     if masters is not None:
         masters.masters_to_model()
-    return float(loss.detach())
 
 
 def lr_factor(step: int, total: int, warmup_steps: int = 0, floor: float = 0.1) -> float:
