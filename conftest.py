@@ -44,3 +44,22 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device (the gpu tier: pytest -m gpu on a GPU machine)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def usage_error(capsys):
+    """``usage_error(pattern, argv)``: ``vlarl-fast argv`` must fail as a user's mistake does: exit code 2 and one
+    line on stderr, starting with 'error:' and matching ``pattern``, with no traceback."""
+    import re
+
+    from vlarl_fast.cli import main
+
+    def check(pattern: str, argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: ") and re.search(pattern, line), err
+        return line
+    return check

@@ -60,7 +60,7 @@ def test_smoke_train_writes_every_output(tmp_path, capsys):
     assert main(["eval", "--policy", str(tmp_path / "nope"), "--output-dir", str(res)]) == 2
 
 
-def test_eval_writes_results_chart_and_videos(tmp_path, capsys):
+def test_eval_writes_results_chart_and_videos(tmp_path, capsys, usage_error):
     res = tmp_path / "eval"
     # 3 episodes per task over the first 2 initial states: states 0, 1, 0
     assert main(["eval", "--policy", "tiny", "--output-dir", str(res), "--num-tasks", "2", "--init-states", "2",
@@ -74,19 +74,17 @@ def test_eval_writes_results_chart_and_videos(tmp_path, capsys):
     from PIL import Image
     gif = Image.open(res / out["videos"][0])
     assert gif.n_frames == 3 and gif.size == (64, 64)
-    with pytest.raises(SystemExit, match="not a libero suite"):
-        main(["eval", "--policy", "tiny", "--env", "libero", "--suite", "tabletop", "--output-dir", str(res)])
-    with pytest.raises(SystemExit, match="--episodes-per-task must be >= 1"):
-        main(["eval", "--policy", "tiny", "--episodes-per-task", "0", "--output-dir", str(res)])
+    usage_error("not a libero suite",
+                ["eval", "--policy", "tiny", "--env", "libero", "--suite", "tabletop", "--output-dir", str(res)])
+    usage_error("--episodes-per-task must be an integer >= 1",
+                ["eval", "--policy", "tiny", "--episodes-per-task", "0", "--output-dir", str(res)])
 
 
-def test_config_file_and_bad_preset(tmp_path):
+def test_config_file_and_bad_preset(tmp_path, usage_error):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"ppo": {"no_such_key": 1}}))
-    with pytest.raises(SystemExit, match="unknown config key 'ppo.no_such_key'"):
-        main(["train", "--config", str(cfg)])
-    with pytest.raises(SystemExit, match="unknown preset"):
-        main(["train", "--preset", "nope"])
+    usage_error("unknown config key 'ppo.no_such_key'", ["train", "--config", str(cfg)])
+    usage_error("unknown preset", ["train", "--preset", "nope"])
 
 
 def test_unknown_task_is_explained(tmp_path, capsys):
@@ -96,19 +94,17 @@ def test_unknown_task_is_explained(tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output_dir(tmp_path):
+def test_unwritable_output_dir(tmp_path, usage_error):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    with pytest.raises(SystemExit, match="cannot write to output directory"):
-        main(["train", "--preset", "smoke", "--output-dir", str(ro / "x")])
+    usage_error("cannot write to output directory", ["train", "--preset", "smoke", "--output-dir", str(ro / "x")])
 
 
-def test_output_dir_that_is_a_file(tmp_path):
+def test_output_dir_that_is_a_file(tmp_path, usage_error):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(SystemExit, match="cannot write to output directory"):
-        main(["train", "--preset", "smoke", "--output-dir", str(f)])
+    usage_error("cannot write to output directory", ["train", "--preset", "smoke", "--output-dir", str(f)])
 
 
 def test_short_train_options_and_benchmark_defaults():
@@ -136,11 +132,9 @@ def test_backend_auto_uses_worker_processes_where_the_extension_is(monkeypatch, 
         assert resolve_env(EnvConfig(benchmark=bench, backend="inprocess")).backend == "inprocess"
 
 
-def test_train_on_libero_needs_a_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="no scripted expert"):
-        main(["train", "--env", "libero", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="not a tabletop suite"):
-        main(["train", "--suite", "nope", "--output-dir", str(tmp_path)])
+def test_train_on_libero_needs_a_checkpoint(tmp_path, usage_error):
+    usage_error("no scripted expert", ["train", "--env", "libero", "--output-dir", str(tmp_path)])
+    usage_error("not a tabletop suite", ["train", "--suite", "nope", "--output-dir", str(tmp_path)])
 
 
 def test_attention_kernel_that_cannot_run_is_explained(tmp_path, capsys):
@@ -150,7 +144,7 @@ def test_attention_kernel_that_cannot_run_is_explained(tmp_path, capsys):
     assert "sdpa" in capsys.readouterr().err
 
 
-def test_eval_on_heldout_layouts_records_the_split(tmp_path):
+def test_eval_on_heldout_layouts_records_the_split(tmp_path, usage_error):
     res = tmp_path / "eval"
     # the held-out split's protocol is one episode per layout: 2 layouts, 2 episodes
     assert main(["eval", "--policy", "tiny", "--output-dir", str(res), "--tasks", "tabletop/reach_red",
@@ -158,12 +152,11 @@ def test_eval_on_heldout_layouts_records_the_split(tmp_path):
                  "--progress", "False"]) == 0
     out = json.loads((res / "results.json").read_text())
     assert out["split"] == "heldout" and out["episodes"] == 2 and len(out["per_state"]["tabletop/reach_red"]) == 2
-    with pytest.raises(SystemExit, match="has no 'heldout' split"):
-        main(["eval", "--policy", "tiny", "--env", "libero", "--tasks", "libero_spatial/0", "--split", "heldout",
-              "--output-dir", str(res)])
+    usage_error("has no 'heldout' split", ["eval", "--policy", "tiny", "--env", "libero", "--tasks",
+                                           "libero_spatial/0", "--split", "heldout", "--output-dir", str(res)])
 
 
-def test_smoke_train_with_heldout_evaluation(tmp_path, capsys):
+def test_smoke_train_with_heldout_evaluation(tmp_path, capsys, usage_error):
     out = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--output-dir", str(out), "--progress", "False",
                  "--eval.heldout-episodes", "3"]) == 0
@@ -175,12 +168,12 @@ def test_smoke_train_with_heldout_evaluation(tmp_path, capsys):
     assert "Success per task: fixed initial states and held-out layouts" in text
     header = text[text.index("Success per task: fixed"):text.index("reach_red")]
     assert header.index("fixed") < header.index("held-out") and header.count("delta") == 2
-    assert set(summary["heldout_rl_per_task"]) == {"tabletop/reach_red"} and summary["rl_layouts"] == "open"   # auto: the tabletop has an open stream
-    with pytest.raises(SystemExit, match=r"--eval.heldout-episodes 101 is outside \[0, 100\]"):
-        main(["train", "--preset", "smoke", "--output-dir", str(out), "--eval.heldout-episodes", "101"])
+    assert set(summary["heldout_rl_per_task"]) == {"tabletop/reach_red"} and summary["rl_layouts"] == "open"
+    usage_error(r"--eval.heldout-episodes 101 is outside \[0, 100\]",
+                ["train", "--preset", "smoke", "--output-dir", str(out), "--eval.heldout-episodes", "101"])
 
 
-def test_smoke_train_practises_on_the_open_stream(tmp_path):
+def test_smoke_train_practises_on_the_open_stream(tmp_path, usage_error):
     out = tmp_path / "run"
     assert main(["train", "--preset", "smoke", "--output-dir", str(out), "--progress", "False",
                  "--ppo.layouts", "open", "--eval.heldout-episodes", "0"]) == 0
@@ -190,12 +183,12 @@ def test_smoke_train_practises_on_the_open_stream(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_sft_success"] is summary["heldout_rl_success"] is summary["heldout_episodes"] is None
     # resuming on the fixed states cannot take the open stream's statistics
-    with pytest.raises(SystemExit, match="open stream of layouts"):
-        main(["train", "--preset", "smoke", "--output-dir", str(tmp_path / "again"), "--progress", "False",
-              "--skip-sft", "True", "--ppo.layouts", "fixed", "--policy.policy", str(out / "checkpoints" / "final")])
-    with pytest.raises(SystemExit, match="--ppo.layouts open: libero_spatial/0 has no 'open' split"):
-        main(["train", "--env", "libero", "--env.tasks", "libero_spatial/0", "--skip-sft", "True",
-              "--ppo.layouts", "open", "--output-dir", str(tmp_path / "lib")])
+    usage_error("open stream of layouts",
+                ["train", "--preset", "smoke", "--output-dir", str(tmp_path / "again"), "--progress", "False",
+                 "--skip-sft", "True", "--ppo.layouts", "fixed", "--policy.policy", str(out / "checkpoints" / "final")])
+    usage_error("--ppo.layouts open: libero_spatial/0 has no 'open' split",
+                ["train", "--env", "libero", "--env.tasks", "libero_spatial/0", "--skip-sft", "True",
+                 "--ppo.layouts", "open", "--output-dir", str(tmp_path / "lib")])
 
 
 def test_auto_layouts_take_the_open_stream_where_every_task_has_one():

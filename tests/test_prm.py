@@ -232,7 +232,7 @@ def test_shaping_is_a_potential_difference_that_telescopes():
 
 
 # ---- the command line --------------------------------------------------------------------------
-def test_prm_smoke_writes_a_model_that_train_uses(tmp_path):
+def test_prm_smoke_writes_a_model_that_train_uses(tmp_path, usage_error):
     from vlarl_fast.cli import main
     d = tmp_path / "prm"
     assert main(["prm", "--preset", "smoke", "--output-dir", str(d), "--progress", "False"]) == 0
@@ -255,11 +255,10 @@ def test_prm_smoke_writes_a_model_that_train_uses(tmp_path):
                  "--data.expert-episodes", "0", "--data.policy-episodes", "0", "--data.episodes",
                  str(d / "episodes"), "--plots", "0"]) == 0
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["episodes"] == 9
-    with pytest.raises(SystemExit, match="is not a reward model"):
-        main(["train", "--preset", "smoke", "--output-dir", str(run), "--reward.prm", str(tmp_path)])
-    with pytest.raises(SystemExit, match="scores 64 px images but the envs render 32 px"):
-        main(["train", "--preset", "smoke", "--output-dir", str(run), "--reward.prm", str(d),
-              "--env.image-size", "32"])
+    usage_error("is not a reward model",
+                ["train", "--preset", "smoke", "--output-dir", str(run), "--reward.prm", str(tmp_path)])
+    usage_error("scores 64 px images but the envs render 32 px",
+                ["train", "--preset", "smoke", "--output-dir", str(run), "--reward.prm", str(d), "--env.image-size", "32"])
 
 
 def test_plotted_episodes_are_spread_over_the_tasks():

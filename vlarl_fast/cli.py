@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import PRESETS, TrainConfig, apply_presets
+from .validate import check_config
 
 USAGE = """usage: vlarl-fast {train,sft,eval,prm,info} [options]
 
@@ -96,9 +97,11 @@ def _base_config(cls, args: list[str], presets: dict):
     pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(args)
     try:
-        return apply_presets(cls(), known.preset, known.config, presets)
+        base = apply_presets(cls(), known.preset, known.config, presets)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    check_config(base)   # a config file's values, before tyro takes them as defaults
+    return base
 
 
 def _parse(cls, args, prog, default=None):
@@ -153,8 +156,6 @@ def eval_env(cfg: EvalCommand):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     tasks = list(env.tasks) or list_tasks(env.suite)
-    if cfg.num_tasks < 0:
-        raise SystemExit(f"error: --num-tasks must be >= 0; got {cfg.num_tasks}")
     if cfg.num_tasks:
         tasks = tasks[:cfg.num_tasks]
     for t in tasks:
@@ -166,13 +167,14 @@ def cmd_eval(args: list[str]) -> int:
     from rich.console import Console
 
     from .config import env_options
-    from .envs import get_task
+    from .envs import check_ready, get_task
     from .policy import make_policy
     from .report import plot_task_success, success_table, write_json_atomic, write_videos
     from .rl.evaluate import count_episodes, evaluate
     from .train import _bar, prepare_output_dir
 
     cfg = _parse(EvalCommand, args, "vlarl-fast eval")
+    check_config(cfg)
     out = prepare_output_dir(cfg.output_dir)
     env, tasks = eval_env(cfg)
     # the held-out and open splits have many layouts: one episode on each is their protocol
@@ -181,6 +183,7 @@ def cmd_eval(args: list[str]) -> int:
         n = count_episodes(tasks, cfg.init_states, per_state, cfg.episodes_per_task, split=cfg.split)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    check_ready(tasks)
     policy = make_policy(cfg.policy, instructions=[get_task(t).instruction for t in tasks],
                          image_size=env.image_size, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                          attn_implementation=cfg.attn_implementation, action_convention=cfg.action_convention)
@@ -235,11 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     from .envs.libero.bootstrap import LiberoAssetsError, LiberoNotInstalledError
     from .policy import CheckpointError
     from .policy.precision import PrecisionError
+    from .validate import ConfigError
     try:
         return handlers[cmd](rest)
     except (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError,
-            PrecisionError) as e:
+            PrecisionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise   # tyro's own usage errors and --help carry their exit code
+        # the package's own checks exit with their one-line message: a usage error, exit code 2
+        print(e.code if e.code.startswith("error:") else f"error: {e.code}", file=sys.stderr)
         return 2
 
 

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, env_options, resolve_env, vector_options
-from .envs import VectorEnv, get_task, list_tasks, make_training_env
+from .envs import VectorEnv, check_ready, get_task, list_tasks, make_training_env
 from .policy import NormStats, make_policy, save_policy
 from .policy.protocol import enable_gradient_checkpointing
 from .report import plot_success, success_table, write_json_atomic
+from .validate import ConfigError, check_config
 
 
 def seed_everything(seed: int) -> None:
@@ -27,6 +28,7 @@ def seed_everything(seed: int) -> None:
 
 def start_run(cfg) -> None:
     """What every command that trains does first: torch's threads, every seed, the benchmark's env defaults."""
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -192,6 +194,10 @@ def train(cfg: TrainConfig) -> dict:
     tasks = resolve_tasks(cfg)
     check_heldout_episodes(cfg, tasks)
     cfg.ppo = dataclasses.replace(cfg.ppo, layouts=resolve_layouts(cfg, tasks))
+    check_ready(tasks)
+    if cfg.policy.policy == "tiny" and cfg.ppo.lora_rank == 0 and cfg.ppo.train_layers > cfg.policy.num_layers:
+        raise ConfigError(f"--ppo.train-layers {cfg.ppo.train_layers} exceeds the tiny VLA's "
+                          f"--policy.num-layers {cfg.policy.num_layers}: lower it (0 trains every layer)")
     reward_model = load_reward_model(cfg)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]

@@ -90,3 +90,11 @@ def split_size(task_id: str, split: str) -> int:
         raise ValueError(f"{task_id} has no {split!r} split: open and held-out layouts exist for the tabletop suite "
                          "only; train and evaluate LIBERO tasks on their fixed initial states (split 'fixed')")
     return task.num_init_states
+
+
+def check_ready(task_ids: list[str]) -> None:
+    """Fail in the calling process, before any env worker starts, when a task's benchmark cannot build its envs:
+    LIBERO without its assets would otherwise fail inside every worker, as a worker's traceback."""
+    if any(not isinstance(get_task(t), TaskSpec) for t in task_ids):
+        from .libero.bootstrap import find_assets
+        find_assets()
