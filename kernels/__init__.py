@@ -6,8 +6,9 @@ Triton kernels for CUDA tensors, chunked / scanned torch code on the CPU; ``back
 Triton is imported only when a Triton path is used, so ``TRITON_INTERPRET=1`` can still be set
 after ``import vlarl_fast.kernels`` and before the first Triton call.
 """
+from ._errors import NonFiniteError
 from .action_logprobs import action_logprobs, action_logprobs_naive, action_logprobs_reference
 from .gae import gae, gae_reference, gae_stepwise
 
-__all__ = ["action_logprobs", "action_logprobs_reference", "action_logprobs_naive",
+__all__ = ["NonFiniteError", "action_logprobs", "action_logprobs_reference", "action_logprobs_naive",
            "gae", "gae_reference", "gae_stepwise"]

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import check_one_device
+from ._errors import NonFiniteError
 
 __all__ = ["action_logprobs", "action_logprobs_reference", "action_logprobs_naive"]
 
@@ -132,7 +133,7 @@ def _check_finite(logp, entropy, hidden, weight, vocab_start, vocab_end):
         what = f"weight rows [{vocab_start}, {vocab_end}) contain NaN/inf"
     else:
         what = "logits overflowed (inputs are finite but too large for the chosen temperature)"
-    raise ValueError(f"action_logprobs: non-finite result at rows {rows}: {what}; find where the NaN/inf "
+    raise NonFiniteError(f"action_logprobs: non-finite result at rows {rows}: {what}; find where the NaN/inf "
                      "enters upstream (skip that update, lower the learning rate) before computing log-probs")
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from ._device import check_one_device
+from ._errors import NonFiniteError
 
 __all__ = ["gae", "gae_reference", "gae_stepwise"]
 
@@ -63,7 +64,7 @@ def _check(rewards, values, next_values, terminated, episode_end):
                      episode_end=episode_end)
     for name, t in (("rewards", rewards), ("values", values), ("next_values", next_values)):
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"gae: {name} contains NaN or inf; find where it enters the rollout (a diverged "
+            raise NonFiniteError(f"gae: {name} contains NaN or inf; find where it enters the rollout (a diverged "
                              "critic or an env reward) before computing advantages")
 
 

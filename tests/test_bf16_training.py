@@ -86,7 +86,7 @@ def fill_rollout(trainer: PPOTrainer, seed: int = 0) -> None:
         obs = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(images)
         buf.add(t, obs, torch.zeros(buf.N, 1), out.tokens.cpu(), out.logprobs.cpu(), out.values, ins,
                 None if out.frozen is None else out.frozen.to("cpu"))
-        buf.rewards[t] = torch.as_tensor(rng.normal(size=buf.N), dtype=torch.float32)
+        buf.record(t, rng.normal(size=buf.N).astype(np.float32), np.zeros(buf.N, bool), np.zeros(buf.N, bool))
 
 
 def _train_adapters(model, std: float = 0.3) -> None:

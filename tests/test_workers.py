@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+from _faulty_envs import RaiseOnStep
 from vlarl_fast._ext import EXT_AVAILABLE, EXT_ERROR
 from vlarl_fast.envs import VectorEnv, list_tasks, make_env
 
@@ -303,25 +304,6 @@ def test_bad_input_has_clear_errors():
 
 
 # --- crash recovery ---------------------------------------------------------------------------
-
-class RaiseOnStep(gym.Wrapper):
-    """Raises on its k-th step after each reset, only in its first process (a marker file says so)."""
-
-    def __init__(self, env, k, marker):
-        super().__init__(env)
-        self.k, self.marker, self.n = k, marker, 0
-
-    def reset(self, **kw):
-        self.n = 0
-        return self.env.reset(**kw)
-
-    def step(self, action):
-        self.n += 1
-        if self.n == self.k and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            raise FloatingPointError("simulated physics blow-up")
-        return self.env.step(action)
-
 
 def _step_through_failures(pv, iv, a, *, kill_worker: int, healthy: int, warn: dict, restarted_at):
     """Step the process VectorEnv `pv` and the in-process `iv` side by side over actions `a`, killing

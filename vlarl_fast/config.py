@@ -159,8 +159,17 @@ class SFTConfig:
 
 @dataclass
 class PPOConfig:
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """RL algorithm: 'ppo', VLA-RL's trajectory-level PPO with a critic and GAE; 'grpo' (SimpleVLA-RL's default)
+    or 'rloo' (RIPT-VLA's): no critic, groups of --ppo.group-size episodes from one (task, initial state) run side
+    by side, and each episode's return compared with its group's (GRPO: minus the group mean, over the group's
+    std; RLOO: minus the mean of the other K - 1) is the advantage of every action in it. The same clipped ratio
+    (clip-higher) for all three; --ppo.iterations stays the cap on updates and the env-step budget
+    (iterations x num_steps x num_envs) is the same for all."""
     iterations: int = 90
-    """PPO iterations (each: a rollout of num_steps x num_envs env steps, then the update)."""
+    """Iterations (each: a rollout, then the update). PPO's rollout is num_steps x num_envs env steps; a group
+    algorithm's runs whole groups until the informative ones hold that many steps, and the run stops when the
+    env-step budget iterations x num_steps x num_envs is spent."""
     num_steps: int = 32
     """Environment steps per env per iteration (the rollout horizon T)."""
     learning_rate: float = 1e-4
@@ -187,6 +196,17 @@ class PPOConfig:
     """Global gradient-norm clip."""
     target_kl: float | None = 0.05
     """Stop the epoch loop early when approx_kl exceeds this (None: never)."""
+    kl_coef: float = 0.0
+    """Weight of a KL penalty towards the policy RL started from (k3 estimator per action token; 0: off). With
+    LoRA the reference is the base with its adapters off (no second copy of the weights); otherwise a frozen
+    copy of the model."""
+    group_size: int = 8
+    """--algo grpo|rloo: episodes per group (K), run side by side from one (task, initial state); --env.num-envs
+    must be a multiple of it."""
+    filter_groups: bool = True
+    """--algo grpo|rloo: dynamic sampling, as SimpleVLA-RL's 0.1-0.9 filter does: a group whose episodes all
+    succeeded or all failed teaches nothing and is dropped; more groups run in its place (up to 4 batches' worth
+    of env steps per iteration). Kept and dropped groups are logged per iteration."""
     recompute_logprobs: Literal["auto", "on", "off"] = "auto"
     """Before the first epoch, score the rollout's actions again with the update's own forward (no gradients)
     and take the PPO ratio against those log-probs; the rollout's are kept for the rollout_logp_gap metric.
@@ -344,7 +364,8 @@ PRESETS: dict[str, dict] = {
     "smoke": {"env": {"num_envs": 4, "tasks": ["tabletop/reach_red"]},
               "policy": {"hidden_size": 32, "num_layers": 1},
               "sft": {"demos_per_task": 2, "epochs": 1},
-              "ppo": {"iterations": 2, "num_steps": 4, "critic_warmup": 1, "minibatch_size": 8, "curriculum": True},
+              "ppo": {"iterations": 2, "num_steps": 4, "critic_warmup": 1, "minibatch_size": 8, "curriculum": True,
+                      "group_size": 2},
               "ire": {"every": 1, "steps": 2, "batch_size": 8},
               "eval": {"episodes_per_state": 1, "init_states": 2, "heldout_episodes": 2}},
 }

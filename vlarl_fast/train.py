@@ -144,6 +144,22 @@ def resolve_layouts(cfg: TrainConfig, tasks: list[str]) -> str:
     return "open"
 
 
+def check_algo(cfg: TrainConfig) -> None:
+    """What the group algorithms need, checked before anything is trained."""
+    from .rl.groups import GROUP_ALGOS
+    ppo = cfg.ppo
+    if ppo.algo not in GROUP_ALGOS or ppo.iterations == 0:
+        return
+    why = (f"--ppo.group-size {ppo.group_size} must be >= 2 (a group compares its episodes)" if ppo.group_size < 2
+           else f"--env.num-envs {cfg.env.num_envs} must be a multiple of --ppo.group-size {ppo.group_size} (a "
+                "group's episodes run side by side)" if cfg.env.num_envs % ppo.group_size else
+           "it needs --ppo.curriculum True (the curriculum deals each group's initial state)" if not ppo.curriculum
+           else "it does not follow the frozen-layer cache: drop --ppo.cache-frozen-layers"
+           if ppo.cache_frozen_layers else None)
+    if why is not None:
+        raise ConfigError(f"--ppo.algo {ppo.algo}: {why}")
+
+
 def load_reward_model(cfg: TrainConfig):
     """--reward.prm: the reward model, loaded before anything is trained so that a wrong path fails at once."""
     if cfg.reward.prm is None:
@@ -195,6 +211,7 @@ def train(cfg: TrainConfig) -> dict:
     check_heldout_episodes(cfg, tasks)
     cfg.ppo = dataclasses.replace(cfg.ppo, layouts=resolve_layouts(cfg, tasks))
     check_ready(tasks)
+    check_algo(cfg)
     if cfg.policy.policy == "tiny" and cfg.ppo.lora_rank == 0 and cfg.ppo.train_layers > cfg.policy.num_layers:
         raise ConfigError(f"--ppo.train-layers {cfg.ppo.train_layers} exceeds the tiny VLA's "
                           f"--policy.num-layers {cfg.policy.num_layers}: lower it (0 trains every layer)")
@@ -264,7 +281,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.ppo.iterations > 0:
         # ---- 2. PPO -----------------------------------------------------------------------------
         t0 = time.perf_counter()
-        slot_task = [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
+        from .rl.groups import GROUP_ALGOS, GroupSchedule, group_slot_tasks
+        grouped = cfg.ppo.algo in GROUP_ALGOS
+        slot_task = group_slot_tasks(tasks, cfg.env.num_envs, cfg.ppo.group_size) if grouped else \
+            [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
         split = {} if cfg.ppo.layouts == "fixed" else {"split": cfg.ppo.layouts}   # LIBERO's envs take no split
         fns = [(lambda t=t, i=i: make_training_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
                                                    seed=cfg.seed * 1000 + i, **split, **env_options(cfg.env)))
@@ -288,8 +308,12 @@ def train(cfg: TrainConfig) -> dict:
                                     learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
                                     weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
                                     balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
-        envs = VectorEnv(fns, **vector_options(cfg.env), reset_options=None if curriculum is None else
-                         (lambda i: {"init_state": curriculum.sample(slot_task[i])}))
+        if grouped:   # every episode start of a slot takes its group's next draw
+            reset_options = GroupSchedule(slot_task, cfg.ppo.group_size, curriculum.sample)
+        else:
+            reset_options = None if curriculum is None else (lambda i: {"init_state": curriculum.sample(slot_task[i])})
+        envs = VectorEnv(fns, **vector_options(cfg.env), reset_options=reset_options)
+        budget = cfg.ppo.iterations * cfg.ppo.num_steps * cfg.env.num_envs   # env steps, the same for every algo
         shaping = None
         if reward_model is not None:
             from .prm.shaping import PRMShaping
@@ -298,7 +322,7 @@ def train(cfg: TrainConfig) -> dict:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
                                  shaping=shaping)
             with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar:
-                for _ in range(cfg.ppo.iterations):
+                while trainer.iteration < cfg.ppo.iterations and trainer.global_step < budget:
                     st = trainer.train_iteration()
                     row = dataclasses.asdict(st)
                     history.append(row)
@@ -313,6 +337,9 @@ def train(cfg: TrainConfig) -> dict:
                               f"explained_var {st.explained_variance:5.2f} | v_loss {st.v_loss:6.4f} | "
                               f"entropy {st.entropy:5.3f}{' | critic warm-up' if st.critic_only else ''}"
                               f"{f' | prm {st.prm_seconds:.1f} s' if shaping is not None else ''}"
+                              f"{f' | groups {st.groups_kept} kept, {st.groups_dropped} dropped' if grouped else ''}"
+                              f"{f' | kl_ref {st.kl_ref:.4f}' if cfg.ppo.kl_coef > 0 else ''}"
+                              f"{f' | {st.lost_steps} steps lost to env restarts' if st.lost_steps else ''}"
                               f"{f' | skipped {st.skipped_updates} non-finite updates' if st.skipped_updates else ''}")
                     if stage is not None and st.iteration % cfg.ire.every == 0:
                         t1 = time.perf_counter()
@@ -331,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
             timings["prm_s"] = shaping.seconds
             summary["prm_ms_per_step"] = 1000 * shaping.seconds / max(1, shaping.steps)
         final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
-                                                                           "iterations": cfg.ppo.iterations})
+                                                                           "iterations": trainer.iteration})
         if curriculum is not None:
             curriculum.save(final)
         (out / "history.json").write_text(json.dumps(history, indent=2))
@@ -373,6 +400,9 @@ def train(cfg: TrainConfig) -> dict:
         "heldout_sft_per_task": None if heldout_sft is None else heldout_sft["per_task"],
         "heldout_rl_per_task": None if heldout_rl is None else heldout_rl["per_task"],
         "rl_layouts": cfg.ppo.layouts,
+        "algo": cfg.ppo.algo,
+        "updates": len(history),
+        "skipped_updates": sum(h["skipped_updates"] for h in history),
         "eval_greedy": cfg.eval.greedy,
         "reward": cfg.env.reward,
         "prm": cfg.reward.prm,

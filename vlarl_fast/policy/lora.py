@@ -9,6 +9,7 @@ removes them, leaving a plain model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -101,3 +102,22 @@ def load_adapter(model, directory: str | Path) -> bool:
         raise ValueError(f"{directory}: adapter weights do not match {ADAPTER_CONFIG} (missing {missing[:3]}, "
                          f"unexpected {list(result.unexpected_keys)[:3]})")
     return True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model's forward inside the block (every LoRA adapter off), the adapters back on after it: the
+    KL penalty's reference policy at no cost in memory."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    trainable = {id(p): p.requires_grad for m in layers for p in m.parameters()}
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for m in layers:   # peft's switch also flips requires_grad: restore what the trainer chose
+            for p in m.parameters():
+                p.requires_grad_(trainable[id(p)])

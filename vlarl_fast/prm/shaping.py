@@ -36,9 +36,10 @@ class PRMShaping:
         self.seconds += time.perf_counter() - t0
 
     def __call__(self, reward: np.ndarray, next_obs: dict, next_instructions: list[str], instructions: list[str],
-                 terminated: np.ndarray, truncated: np.ndarray, info: dict) -> np.ndarray:
-        """The shaped rewards of one vector step. ``next_obs`` is, for an env whose episode ended, the first
-        observation of its next episode; ``info["final_obs"]`` the last of the one that ended."""
+                 terminated: np.ndarray, truncated: np.ndarray, info: dict, ids=None) -> np.ndarray:
+        """The shaped rewards of one vector step (of envs ``ids``; None: all). ``next_obs`` is, for an env whose
+        episode ended, the first observation of its next episode; ``info["final_obs"]`` the last of the one that
+        ended."""
         if self.phi is None:
             raise RuntimeError("PRMShaping.reset(obs, instructions) must score the first observations first")
         t0 = time.perf_counter()
@@ -49,8 +50,9 @@ class PRMShaping:
             fo = info["final_obs"]
             phi_end[ended] = self._score(fo["image"][ended], fo["state"][ended], [instructions[i] for i in ended])
         phi_end[terminated] = 0.0
-        shaped = np.asarray(reward, dtype=np.float32) + self.coef * (self.gamma * phi_end - self.phi)
-        self.phi = phi_next
+        rows = slice(None) if ids is None else np.asarray(ids)
+        shaped = np.asarray(reward, dtype=np.float32) + self.coef * (self.gamma * phi_end - self.phi[rows])
+        self.phi[rows] = phi_next
         self.seconds += time.perf_counter() - t0
         self.steps += len(reward)
         return shaped.astype(np.float32)

@@ -22,14 +22,17 @@ class SuccessfulEpisodes:
         self.steps = 0
         self.kept = 0        # successful episodes ever kept (including ones since evicted)
 
-    def record(self, images: np.ndarray, states: np.ndarray, tokens: np.ndarray, instructions: list[str]) -> None:
-        """One rollout step of every slot: the observation the action was chosen from, and its tokens."""
-        if len(instructions) != len(self._open):
-            raise ValueError(f"expected {len(self._open)} slots, got {len(instructions)}")
+    def record(self, images: np.ndarray, states: np.ndarray, tokens: np.ndarray, instructions: list[str],
+               slots=None) -> None:
+        """One rollout step of every slot (or of ``slots``, the envs that stepped): the observation the action
+        was chosen from, and its tokens."""
+        slots = range(len(self._open)) if slots is None else [int(i) for i in slots]
+        if len(instructions) != len(slots):
+            raise ValueError(f"expected {len(slots)} slots, got {len(instructions)}")
         # one copy per step: the vector env may reuse its observation buffers
         images, states, tokens = np.array(images), np.array(states), np.array(tokens)
-        for i, slot in enumerate(self._open):
-            slot.append((images[i], states[i], tokens[i], instructions[i]))
+        for j, i in enumerate(slots):
+            self._open[i].append((images[j], states[j], tokens[j], instructions[j]))
 
     def end(self, slot: int, success: bool) -> None:
         """The episode in ``slot`` finished (its last step was recorded already)."""

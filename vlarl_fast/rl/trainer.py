@@ -12,6 +12,15 @@ Where this departs from textbook PPO, on purpose:
 - the clip range may be asymmetric (clip_low, clip_high);
 - with ``freeze_vision`` the vision tower is fixed during RL, so its rollout features are
   reused by the update instead of re-encoding every image.
+
+``--algo grpo|rloo`` replace the critic and GAE by group-relative, episode-level advantages (groups.py): the
+rollout runs groups of K episodes from one (task, initial state) to their ends, and every action of an episode
+gets its episode's advantage under the same clipped ratio. ``--ppo.kl-coef`` adds a k3 KL penalty towards the
+policy RL started from (reference.py), for every algorithm.
+
+Bad steps never stop a run: a non-finite loss, log-prob, advantage or gradient skips that update (counted in
+``skipped_updates``), and a step that a worker restart cut short leaves the update instead of being
+bootstrapped from the fresh episode the restart began.
 """
 from __future__ import annotations
 
@@ -25,14 +34,20 @@ import torch
 
 from ..config import PPOConfig
 from ..envs import VectorEnv
-from ..kernels import gae
+from ..kernels import NonFiniteError, gae
 from ..policy import VLAPolicy
 from ..policy.precision import check_float32_optimizer, float32_training, rollout_matches_update
 from ..policy.protocol import update_mode
 from .buffer import RolloutBuffer
 from .curriculum import Curriculum
+from .groups import GROUP_ALGOS, group_advantages, informative
 from .online_data import SuccessfulEpisodes
 from .ppo import explained_variance, normalize_advantages, normalize_advantages_grouped, ppo_losses
+from .reference import ReferencePolicy, k3_kl
+
+# a group rollout keeps starting groups until the informative ones fill the batch, but stops after this many
+# batches' worth of env steps, so a policy that solves (or fails) everything cannot stall an iteration
+MAX_SAMPLE_FACTOR = 4
 
 if TYPE_CHECKING:
     from ..prm.shaping import PRMShaping
@@ -60,6 +75,10 @@ class IterationStats:
     first_clipfrac: float = math.nan
     rollout_logp_gap: float = math.nan    # mean |rollout log-prob - recomputed log-prob| per action
     prm_seconds: float = math.nan         # time the reward model spent scoring this iteration's steps
+    kl_ref: float = math.nan              # mean k3 KL to the reference policy (--ppo.kl-coef > 0)
+    groups_kept: int = 0                  # group algorithms: complete groups the update learnt from,
+    groups_dropped: int = 0               # and groups dynamic sampling left out (all succeeded or all failed)
+    lost_steps: int = 0                   # steps that env worker restarts cut short (left out of the update)
 
 
 def freeze_below_top_layers(model, k: int) -> None:
@@ -117,10 +136,16 @@ def frozen_layer_cache(policy: VLAPolicy, cfg: PPOConfig) -> int | None:
 
 
 class PPOTrainer:
+    """PPO (VLA-RL's), GRPO or RLOO over a vector env, by ``cfg.algo``."""
+
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
                  curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None,
                  shaping: PRMShaping | None = None):
         self.policy, self.envs, self.cfg = policy, envs, cfg
+        self.groups = cfg.algo in GROUP_ALGOS
+        if self.groups and cfg.cache_frozen_layers:
+            raise ValueError(f"--algo {cfg.algo} steps only the envs whose group still runs, which the frozen-layer "
+                             "cache does not follow: drop --ppo.cache-frozen-layers")
         self.shaping = shaping     # the process reward model's potential-based term (prm/shaping.py)
         self.curriculum = curriculum
         self.recorder = recorder   # keeps successful episodes for iRe-VLA's supervised stage
@@ -142,6 +167,7 @@ class PPOTrainer:
             {"params": self.masters.of(value_params), "lr": cfg.critic_learning_rate}], eps=1e-5)
         check_float32_optimizer(self.optimizer)
         self.recompute_logprobs = resolve_recompute_logprobs(cfg.recompute_logprobs, model)
+        self.reference = ReferencePolicy(policy) if cfg.kl_coef > 0 else None
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         # GAE reads the buffer's rewards, values and flags where they live: on the policy's device
         self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, device=policy.device)
@@ -149,71 +175,200 @@ class PPOTrainer:
         self.obs, _ = envs.reset(seed=seed)
         if shaping is not None:
             shaping.reset(self.obs, envs.instructions)
+        self.episode_adv = np.zeros(0, dtype=np.float32)   # group algorithms: advantage of each rollout episode
         self.iteration = 0
         self.global_step = 0
 
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
+    def _step(self, t: int, ids: np.ndarray, stats: dict, episode: np.ndarray | None = None) -> dict:
+        """One vector step of envs ``ids``: act, store, step the envs, shape the reward, record the outcome.
+        Every env steps (PPO) or only those whose group still runs (the group algorithms)."""
+        cfg, buf, pol = self.cfg, self.buffer, self.policy
+        full = len(ids) == self.envs.num_envs
+        every = self.envs.instructions
+        instructions = every if full else [every[i] for i in ids]
+        images, states = (self.obs["image"], self.obs["state"]) if full else \
+            (self.obs["image"][ids], self.obs["state"][ids])
+        out = pol.act(images, states, instructions, temperature=cfg.temperature, generator=self.generator,
+                      capture_layer=self.first_layer)
+        obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(images)
+        tokens = out.tokens.cpu()
+        buf.add(t, obs_store, torch.as_tensor(states), tokens, out.logprobs.cpu(), out.values, instructions,
+                None if out.frozen is None else out.frozen.to("cpu"), ids=None if full else ids, episode=episode)
+        if self.recorder is not None:
+            self.recorder.record(images, states, tokens.numpy(), instructions, slots=None if full else ids)
+        if full:
+            next_obs, reward, term, trunc, info = self.envs.step(out.actions)
+        else:
+            next_obs, reward, term, trunc, info = self.envs.step_envs(out.actions, ids)
+        if not np.isfinite(reward).all():
+            raise FloatingPointError("non-finite reward from the environment")
+        lost = np.asarray(info.get("worker_restarted", np.zeros(len(ids), dtype=bool)), dtype=bool)
+        if self.shaping is not None:
+            after = self.envs.instructions
+            reward = self.shaping(reward, next_obs, after if full else [after[i] for i in ids], instructions,
+                                  term, trunc, info, ids=None if full else ids)
+        buf.record(t, reward, term, trunc, lost, ids=None if full else ids)
+        # bootstrap value of the final observation at time-limit truncations (the critic's; groups have none)
+        cut = np.flatnonzero(trunc & ~term & ~lost)
+        if len(cut) and not self.groups:
+            fo = info["final_obs"]
+            buf.bootstrap(t, ids[cut], pol.value(fo["image"][cut], fo["state"][cut], [instructions[j] for j in cut]))
+        ended = np.asarray(info["done"], dtype=bool) | lost
+        for j in np.flatnonzero(ended):
+            i = int(ids[j])
+            ok = bool(info["success"][j]) and not lost[j]
+            if self.recorder is not None:
+                self.recorder.end(i, ok)
+            if lost[j]:
+                stats["lost_steps"] += 1
+                continue   # a lost episode says nothing about its initial state
+            stats["successes"].append(ok)
+            stats["returns"].append(float(info["episode_return"][j]))
+            if self.curriculum is not None:
+                self.curriculum.update(info["final_task_id"][j], int(info["final_init_state"][j]), ok)
+        if full:
+            self.obs = next_obs
+        else:
+            for k in self.obs:
+                self.obs[k][ids] = next_obs[k]
+        self.global_step += len(ids)
+        return {"reward": np.asarray(reward, dtype=np.float32), "ended": ended, "lost": lost,
+                "success": np.asarray(info["success"], dtype=bool) & ~lost}
+
+    def _new_stats(self) -> dict:
+        return {"successes": [], "returns": [], "lost_steps": 0,
+                "prm_start": self.shaping.seconds if self.shaping is not None else 0.0}
+
+    def _finish_stats(self, stats: dict) -> dict:
+        stats["prm_seconds"] = self.shaping.seconds - stats.pop("prm_start") if self.shaping is not None else math.nan
+        return stats
+
+    @torch.no_grad()
     def collect(self) -> dict:
+        """PPO's rollout: ``num_steps`` steps of every env; episodes run on across rollouts."""
+        if self.groups:
+            return self.collect_groups()
         cfg, buf, pol = self.cfg, self.buffer, self.policy
         pol.model.eval()
-        successes, returns = [], []
-        prm_start = self.shaping.seconds if self.shaping is not None else 0.0
+        stats = self._new_stats()
+        buf.start(cfg.num_steps)
+        ids = np.arange(self.envs.num_envs)
         for t in range(cfg.num_steps):
-            instructions = self.envs.instructions
-            out = pol.act(self.obs["image"], self.obs["state"], instructions, temperature=cfg.temperature,
-                          generator=self.generator, capture_layer=self.first_layer)
-            obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(self.obs["image"])
-            buf.add(t, obs_store, torch.as_tensor(self.obs["state"]), out.tokens.cpu(), out.logprobs.cpu(),
-                    out.values, instructions, None if out.frozen is None else out.frozen.to("cpu"))
-            if self.recorder is not None:
-                self.recorder.record(self.obs["image"], self.obs["state"], out.tokens.cpu().numpy(), instructions)
-            next_obs, reward, term, trunc, info = self.envs.step(out.actions)
-            if not np.isfinite(reward).all():
-                raise FloatingPointError("non-finite reward from the environment")
-            if self.shaping is not None:
-                reward = self.shaping(reward, next_obs, self.envs.instructions, instructions, term, trunc, info)
-            buf.rewards[t] = torch.as_tensor(reward)
-            buf.terminated[t] = torch.as_tensor(term, dtype=torch.float32)
-            buf.episode_end[t] = torch.as_tensor(term | trunc, dtype=torch.float32)
-            # bootstrap value of the final observation at time-limit truncations
-            trunc_ids = np.flatnonzero(trunc & ~term)
-            if len(trunc_ids):
-                fo = info["final_obs"]
-                buf.next_values[t, trunc_ids] = pol.value(fo["image"][trunc_ids], fo["state"][trunc_ids],
-                                                          [instructions[i] for i in trunc_ids])
-            for j in np.flatnonzero(info["done"]):
-                successes.append(bool(info["success"][j]))
-                if self.recorder is not None:
-                    self.recorder.end(int(j), bool(info["success"][j]))
-                if self.curriculum is not None:
-                    self.curriculum.update(info["final_task_id"][j], int(info["final_init_state"][j]),
-                                           bool(info["success"][j]))
-                returns.append(float(info["episode_return"][j]))
-            self.obs = next_obs
-            self.global_step += self.envs.num_envs
-        last_values = pol.value(self.obs["image"], self.obs["state"], self.envs.instructions)
-        # next_values_t = V(s_{t+1}) for steps that did not end an episode
-        following = torch.cat([buf.values[1:], last_values[None]], 0)
-        ended = buf.episode_end.bool()
-        buf.next_values = torch.where(ended, buf.next_values, following)
-        buf.next_values[buf.terminated.bool()] = 0.0
-        prm = self.shaping.seconds - prm_start if self.shaping is not None else math.nan
-        return {"successes": successes, "returns": returns, "prm_seconds": prm}
+            self._step(t, ids, stats)
+        buf.finish(pol.value(self.obs["image"], self.obs["state"], self.envs.instructions))
+        return self._finish_stats(stats)
+
+    @torch.no_grad()
+    def collect_groups(self) -> dict:
+        """The group algorithms' rollout: every group runs its K episodes (one task, one initial state) to their
+        ends; a complete group starts its next episodes at once until the informative groups hold
+        ``num_steps x num_envs`` steps (or MAX_SAMPLE_FACTOR times that many steps were taken). Sets
+        ``self.episode_adv`` and leaves dropped and lost episodes out of the buffer's valid rows."""
+        cfg, buf, pol = self.cfg, self.buffer, self.policy
+        pol.model.eval()
+        N, K = self.envs.num_envs, cfg.group_size
+        stats = self._new_stats()
+        buf.start(0)
+        self.obs = {k: np.array(v) for k, v in self.obs.items()}   # rows are replaced env by env
+        target, cap = cfg.num_steps * N, MAX_SAMPLE_FACTOR * cfg.num_steps * N
+        ep_of = np.full(N, -1, dtype=np.int64)
+        group_of, returns, success, length, lost = [], [], [], [], []
+        members: dict[int, list[int]] = {}   # running group (slot group g) -> its episodes
+        active = np.zeros(N, dtype=bool)
+        started = [0]                         # groups started in this rollout (their ids)
+
+        def start(g: int) -> None:
+            episodes = list(range(len(group_of), len(group_of) + K))
+            for _ in episodes:
+                group_of.append(started[0])
+                returns.append(0.0), success.append(False), length.append(0), lost.append(False)
+            started[0] += 1
+            ep_of[g * K:(g + 1) * K] = episodes
+            active[g * K:(g + 1) * K] = True
+            members[g] = episodes
+
+        for g in range(N // K):
+            start(g)
+        steps = kept_steps = 0
+        kept_groups, dropped = [], []
+        t = 0
+        while active.any():
+            ids = np.flatnonzero(active)
+            buf.reserve(t)
+            res = self._step(t, ids, stats, episode=ep_of[ids])
+            for j, i in enumerate(ids):
+                e = int(ep_of[i])
+                returns[e] += float(res["reward"][j])
+                length[e] += 1
+                if res["ended"][j]:
+                    success[e], lost[e] = bool(res["success"][j]), bool(res["lost"][j])
+                    active[i] = False
+            steps += len(ids)
+            t += 1
+            for g in sorted({int(i) // K for i in ids[res["ended"]]}):
+                if active[g * K:(g + 1) * K].any():
+                    continue
+                eps = members.pop(g)
+                ok = [e for e in eps if not lost[e]]
+                if len(ok) >= 2 and (not cfg.filter_groups or informative([success[e] for e in ok])):
+                    kept_groups.append(eps)
+                    kept_steps += sum(length[e] for e in ok)
+                else:
+                    dropped.append(eps)
+                if kept_steps < target and steps < cap:
+                    start(g)
+        self.episode_adv = np.zeros(len(group_of), dtype=np.float32)
+        learn = [e for eps in kept_groups for e in eps if not lost[e]]
+        if learn:
+            self.episode_adv[learn] = group_advantages(np.asarray(returns)[learn], np.asarray(group_of)[learn],
+                                                       cfg.algo)
+        buf.drop_episodes([e for eps in dropped for e in eps] + [e for e in range(len(lost)) if lost[e]])
+        stats.update(groups_kept=len(kept_groups), groups_dropped=len(dropped))
+        return self._finish_stats(stats)
 
     # ---- update ----------------------------------------------------------------------------
+    def _advantages(self, data: dict, rows: torch.Tensor):
+        """(advantages, returns) of the rows the update learns from; returns is None for the group algorithms,
+        which have no critic. Raises NonFiniteError on NaN/inf in the rollout's values or rewards."""
+        cfg, buf = self.cfg, self.buffer
+        if self.groups:
+            adv = torch.as_tensor(self.episode_adv)[data["episode"][rows]]
+            if not torch.isfinite(adv).all():
+                raise NonFiniteError("non-finite group advantages")
+            return adv.to(self.policy.device), None
+        T = buf.T
+        advantages, returns = gae(buf.rewards[:T], buf.values[:T], buf.next_values[:T], buf.terminated[:T],
+                                  buf.episode_end[:T], cfg.gamma, cfg.lam)
+        d = rows.to(advantages.device)
+        adv, ret = advantages.reshape(-1)[d], returns.reshape(-1)[d]
+        if cfg.norm_adv_per_task:
+            instructions = [data["instructions"][i] for i in rows.tolist()]
+            names = {s: i for i, s in enumerate(sorted(set(instructions)))}
+            adv = normalize_advantages_grouped(adv, torch.tensor([names[s] for s in instructions], device=adv.device))
+        return adv, ret
+
     def update(self, critic_only: bool) -> dict:
         cfg, buf, pol = self.cfg, self.buffer, self.policy
-        advantages, returns = gae(buf.rewards, buf.values, buf.next_values, buf.terminated, buf.episode_end,
-                                  cfg.gamma, cfg.lam)
         data = buf.flat()
-        B = buf.T * buf.N
-        adv_flat, ret_flat = advantages.reshape(B), returns.reshape(B)
-        if cfg.norm_adv_per_task:
-            names = {s: i for i, s in enumerate(sorted(set(data["instructions"])))}
-            groups = torch.tensor([names[s] for s in data["instructions"]], device=adv_flat.device)
-            adv_flat = normalize_advantages_grouped(adv_flat, groups)
-        old_logp = data["logprobs"].sum(-1)
+        rows_np = buf.valid_rows()
+        rows = torch.as_tensor(rows_np)
+        stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": [], "kl_ref": []}
+        out: dict = {"skipped_updates": 0, "explained_variance": math.nan}
+
+        def finish() -> dict:
+            out.update({k: (float(np.mean(v)) if v else math.nan) for k, v in stats.items()})
+            return out
+
+        if not len(rows_np):
+            return finish()   # nothing to learn from (every group dropped, or every step lost)
+        try:
+            adv_flat, ret_flat = self._advantages(data, rows)
+        except NonFiniteError:
+            out["skipped_updates"] = 1   # a diverged critic or reward: no target to learn from this rollout
+            return finish()
+        old_logp = data["logprobs"][rows].sum(-1)
         model = pol.model
         for m in (model, pol.critic):
             if m is not None:
@@ -222,38 +377,32 @@ class PPOTrainer:
         self.masters.refresh()   # weights a supervised stage changed since the last update are the truth
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         rng = np.random.default_rng(self.iteration)
-        stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": []}
-        skipped = 0
+        B = len(rows_np)
         mb = min(cfg.minibatch_size, B)
         perms = [rng.permutation(B) for _ in range(cfg.update_epochs)]
-        out = {}
-        if not critic_only and self.recompute_logprobs:
-            recomputed = self._behaviour_logprobs(data, perms[0], mb)
-            out["rollout_logp_gap"] = float((recomputed - old_logp.to(recomputed.device)).abs().mean())
-            old_logp = recomputed
+        skipped = 0
+        try:
+            if not critic_only and self.recompute_logprobs:
+                recomputed = self._behaviour_logprobs(data, rows_np, perms[0], mb)
+                out["rollout_logp_gap"] = float((recomputed - old_logp.to(recomputed.device)).abs().mean())
+                old_logp = recomputed
+        except NonFiniteError:
+            out["skipped_updates"] = 1
+            self._restore_modes()
+            return finish()
         stop = False
         for epoch, perm in enumerate(perms):
             for start in range(0, B, mb):
-                idx = perm[start:start + mb]
+                pos = perm[start:start + mb]
+                idx = rows_np[pos]
                 tokens = data["tokens"][idx].to(pol.device)
-                logp, ent_tok, values = self._score(data, idx, tokens, critic_only)
-                if critic_only:
-                    v_loss = 0.5 * ((values - ret_flat[idx]) ** 2).mean()
-                    loss = cfg.vf_coef * v_loss
-                    pg_loss = ent = kl = cf = torch.zeros(())
-                else:
-                    mb_adv = adv_flat[idx].to(pol.device)
-                    if cfg.norm_adv and not cfg.norm_adv_per_task:
-                        mb_adv = normalize_advantages(mb_adv)
-                    pg_loss, v_loss, kl, cf = ppo_losses(logp.sum(-1), old_logp[idx].to(pol.device), mb_adv,
-                                                         values, ret_flat[idx].to(pol.device),
-                                                         clip_low=cfg.clip_low, clip_high=cfg.clip_high)
-                    ent = ent_tok.mean()
-                    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-                    if epoch == 0 and start == 0:
-                        ratio = (logp.detach().sum(-1) - old_logp[idx].to(pol.device)).exp()
-                        out.update(first_ratio_error=float((ratio - 1).abs().max()), first_approx_kl=float(kl),
-                                   first_clipfrac=float(cf))
+                try:
+                    loss, parts = self._loss(data, idx, pos, tokens, adv_flat, ret_flat, old_logp, critic_only,
+                                             first=epoch == 0 and start == 0)
+                except NonFiniteError:
+                    skipped += 1
+                    continue
+                out.update(parts.pop("first", {}))
                 if not torch.isfinite(loss):
                     skipped += 1
                     continue
@@ -267,32 +416,75 @@ class PPOTrainer:
                     continue
                 self.optimizer.step()
                 self.masters.masters_to_model()
-                for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", ent), ("approx_kl", kl),
-                             ("clipfrac", cf)):
-                    stats[k].append(float(v.detach()))
-                if not critic_only and cfg.target_kl is not None and float(kl) > cfg.target_kl:
+                for k in stats:
+                    if k in parts:
+                        stats[k].append(float(parts[k]))
+                if not critic_only and cfg.target_kl is not None and float(parts["approx_kl"]) > cfg.target_kl:
                     stop = True
                     break
             if stop:
                 break
-        model.eval()
-        if pol.critic is not None:
-            pol.critic.eval()
-        out.update({k: (float(np.mean(v)) if v else math.nan) for k, v in stats.items()})
-        out["explained_variance"] = explained_variance(buf.values.reshape(-1), ret_flat)
+        self._restore_modes()
+        if ret_flat is not None:
+            out["explained_variance"] = explained_variance(buf.values[:buf.T].reshape(-1)[rows.to(ret_flat.device)],
+                                                           ret_flat)
         out["skipped_updates"] = skipped
-        return out
+        return finish()
+
+    def _restore_modes(self) -> None:
+        self.policy.model.eval()
+        if self.policy.critic is not None:
+            self.policy.critic.eval()
+
+    def _loss(self, data, idx, pos, tokens, adv_flat, ret_flat, old_logp, critic_only: bool, first: bool = False):
+        """The loss of one minibatch (flat buffer rows ``idx``, positions ``pos`` among the learnt rows) and its
+        parts for the log; ``first``: the first minibatch of the first epoch, before any step, whose ratio should
+        be 1 (docs/precision.md)."""
+        cfg, dev = self.cfg, self.policy.device
+        logp, ent_tok, values = self._score(data, idx, tokens, critic_only)
+        if critic_only:
+            v_loss = 0.5 * ((values - ret_flat[pos]) ** 2).mean()
+            return cfg.vf_coef * v_loss, {"v_loss": v_loss.detach()}
+        mb_adv = adv_flat[pos].to(dev)
+        if cfg.norm_adv and not cfg.norm_adv_per_task and not self.groups:
+            mb_adv = normalize_advantages(mb_adv)
+        new = logp.sum(-1)
+        if not torch.isfinite(new).all():
+            raise NonFiniteError("non-finite log-probs")
+        targets = values.detach() if ret_flat is None else ret_flat[pos].to(dev)
+        pg_loss, v_loss, kl, cf = ppo_losses(new, old_logp[pos].to(dev), mb_adv, values, targets,
+                                             clip_low=cfg.clip_low, clip_high=cfg.clip_high)
+        ent = ent_tok.mean()
+        loss = pg_loss - cfg.ent_coef * ent
+        parts = {"pg_loss": pg_loss.detach(), "entropy": ent.detach(), "approx_kl": kl, "clipfrac": cf}
+        if ret_flat is not None:
+            loss = loss + cfg.vf_coef * v_loss
+            parts["v_loss"] = v_loss.detach()
+        if self.reference is not None:
+            with torch.no_grad(), self.reference.active():
+                ref_logp, _, _ = self._score(data, idx, tokens, False)
+            kl_ref = k3_kl(logp, ref_logp).mean()
+            loss = loss + cfg.kl_coef * kl_ref
+            parts["kl_ref"] = kl_ref.detach()
+        if first:
+            ratio = (new.detach() - old_logp[pos].to(dev)).exp()
+            parts["first"] = {"first_ratio_error": float((ratio - 1).abs().max()), "first_approx_kl": float(kl),
+                              "first_clipfrac": float(cf)}
+        return loss, parts
 
     @torch.no_grad()
-    def _behaviour_logprobs(self, data: dict, perm: np.ndarray, mb: int) -> torch.Tensor:
-        """Action log-probs [B] of the whole rollout by the update's own forward (``_score``), in the first
+    def _behaviour_logprobs(self, data: dict, rows: np.ndarray, perm: np.ndarray, mb: int) -> torch.Tensor:
+        """Action log-probs [B] of the learnt rows by the update's own forward (``_score``), in the first
         epoch's minibatches: the same rows padded together and the same shapes as the first epoch, so the
         first minibatch's ratio is taken between two runs of one computation."""
         out = torch.empty(len(perm), device=self.policy.device)
         for start in range(0, len(perm), mb):
-            idx = perm[start:start + mb]
+            pos = perm[start:start + mb]
+            idx = rows[pos]
             logp, _, _ = self._score(data, idx, data["tokens"][idx].to(self.policy.device), False)
-            out[torch.as_tensor(idx, device=out.device)] = logp.sum(-1).float()
+            out[torch.as_tensor(pos, device=out.device)] = logp.sum(-1).float()
+        if not torch.isfinite(out).all():
+            raise NonFiniteError("non-finite recomputed log-probs")
         return out
 
     def _score(self, data: dict, idx: np.ndarray, tokens: torch.Tensor, critic_only: bool):
@@ -312,18 +504,21 @@ class PPOTrainer:
 
     def train_iteration(self) -> IterationStats:
         t0 = time.perf_counter()
+        steps0 = self.global_step
         roll = self.collect()
-        critic_only = self.iteration < self.cfg.critic_warmup
+        critic_only = not self.groups and self.iteration < self.cfg.critic_warmup
         upd = self.update(critic_only)
         dt = time.perf_counter() - t0
         self.iteration += 1
         n = len(roll["successes"])
         return IterationStats(
-            iteration=self.iteration, env_steps=self.global_step, sps=self.cfg.num_steps * self.envs.num_envs / dt,
+            iteration=self.iteration, env_steps=self.global_step, sps=(self.global_step - steps0) / dt,
             episodes=n, success=float(np.mean(roll["successes"])) if n else math.nan,
             episode_return=float(np.mean(roll["returns"])) if n else math.nan,
             pg_loss=upd["pg_loss"], v_loss=upd["v_loss"], entropy=upd["entropy"], approx_kl=upd["approx_kl"],
             clipfrac=upd["clipfrac"], explained_variance=upd["explained_variance"], critic_only=critic_only,
-            skipped_updates=upd["skipped_updates"], prm_seconds=roll["prm_seconds"],
+            skipped_updates=upd["skipped_updates"], prm_seconds=roll["prm_seconds"], kl_ref=upd["kl_ref"],
+            groups_kept=roll.get("groups_kept", 0), groups_dropped=roll.get("groups_dropped", 0),
+            lost_steps=roll["lost_steps"],
             **{k: upd[k] for k in ("first_ratio_error", "first_approx_kl", "first_clipfrac", "rollout_logp_gap")
                if k in upd})
