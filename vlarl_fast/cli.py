@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import PRESETS, TrainConfig, apply_presets
-from .validate import check_config
+from .validate import ConfigError, check_config
 
 USAGE = """usage: vlarl-fast {train,sft,eval,prm,info} [options]
 
@@ -133,9 +133,52 @@ def cmd_prm(args: list[str]) -> int:
     return 0
 
 
+# what --resume may change: nothing that alters the iterations already run
+RESUMABLE = ("ppo.iterations", "checkpoint_every", "checkpoint_keep", "progress", "tensorboard", "resume",
+             "output_dir")
+
+
+def _flat(d: dict, where: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, where + k + ".") if isinstance(v, dict) else {where + k: v})
+    return out
+
+
+def resume_config(args: list[str], prog: str) -> TrainConfig:
+    """`train --resume RUN_DIR`: RUN_DIR's config.json, then the command line, which may change only RESUMABLE."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .config import _merge
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--resume")
+    run_dir = pre.parse_known_args(args)[0].resume
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there; name the output directory of a train run")
+    saved = json.loads(path.read_text())
+    base = _merge(TrainConfig(), saved)
+    base.output_dir = base.resume = run_dir
+    cfg = _parse(TrainConfig, args, prog, default=base)
+    now = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    changed = sorted(k for k, v in _flat(saved).items() if now.get(k) != v and k not in RESUMABLE)
+    if changed:
+        raise ConfigError(f"--resume {run_dir}: {', '.join('--' + k.replace('_', '-') for k in changed)} would "
+                          f"change the run already made; a resumed run may change only "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-2])}")
+    return cfg
+
+
 def cmd_train(args: list[str], prog="vlarl-fast train", sft_only: bool = False) -> int:
     from .train import train
     args = expand_aliases(args)
+    if any(a == "--resume" or a.startswith("--resume=") for a in args):
+        if sft_only:
+            raise ConfigError("--resume continues an RL run: use `vlarl-fast train --resume RUN_DIR`")
+        train(resume_config(args, prog))
+        return 0
     base = _base_config(TrainConfig, args, PRESETS)
     if sft_only:
         base.ppo.iterations = 0
@@ -238,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     from .envs.libero.bootstrap import LiberoAssetsError, LiberoNotInstalledError
     from .policy import CheckpointError
     from .policy.precision import PrecisionError
-    from .validate import ConfigError
     try:
         return handlers[cmd](rest)
     except (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError,

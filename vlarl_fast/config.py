@@ -345,6 +345,17 @@ class TrainConfig:
     """Named preset ('default', 'smoke')."""
     skip_sft: bool = False
     """Start RL from --policy.policy as is (e.g. a checkpoint that is already fine-tuned)."""
+    checkpoint_every: int = 30
+    """Save a resumable RL checkpoint (RUN_DIR/checkpoints/rl-NNNNN: weights, optimisers, every RNG, the
+    curriculum, the iRe-VLA episode buffer, the envs' episodes in progress, history) every N iterations; 0: only
+    on Ctrl-C."""
+    checkpoint_keep: int = 2
+    """RL checkpoints kept (the oldest go first)."""
+    resume: str | None = None
+    """Continue the run in this directory from its newest RL checkpoint, with its config.json; the command line
+    may change only what does not alter the past (--ppo.iterations to extend the run, --checkpoint-every,
+    --checkpoint-keep, --progress, --tensorboard). On the CPU the resumed run ends with the same weights and
+    history as one that was never stopped."""
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

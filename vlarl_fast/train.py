@@ -59,11 +59,12 @@ def resolve_tasks(cfg: TrainConfig) -> list[str]:
 
 
 class _Logger:
-    def __init__(self, out: Path, tensorboard: bool):
+    def __init__(self, out: Path, tensorboard: bool, purge_step: int | None = None):
+        """``purge_step``: a resumed run's first step; TensorBoard drops what the interrupted run logged after it."""
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out / "tb"))
+            self.writer = SummaryWriter(str(out / "tb"), purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         if self.writer is None:
@@ -189,15 +190,128 @@ def _rng_untouched():
         np.random.set_state(state[1])
 
 
+def load_resume(cfg: TrainConfig) -> dict | None:
+    """--resume RUN_DIR: the newest RL checkpoint of the run, or None for a fresh run."""
+    if cfg.resume is None:
+        return None
+    from .rl import checkpointing
+    path = checkpointing.latest(cfg.resume)
+    if path is None:
+        raise ConfigError(f"--resume {cfg.resume}: no RL checkpoint in {Path(cfg.resume) / 'checkpoints'} (rl-NNNNN "
+                          "folders appear every --checkpoint-every iterations and on Ctrl-C); start the run again")
+    return checkpointing.load(path)
+
+
+def evaluate_start(policy, cfg: TrainConfig, tasks: list[str], logger, timings: dict, console):
+    """The policy RL starts from, on the fixed initial states and (tabletop) the held-out layouts."""
+    label = "after SFT" if not cfg.skip_sft else "start"
+    t0 = time.perf_counter()
+    sft_eval = run_eval(policy, cfg, tasks, label)
+    timings["eval_sft_s"] = time.perf_counter() - t0
+    console.print(f"{'after SFT' if not cfg.skip_sft else 'start policy'}: success {100 * sft_eval['success']:.1f}% "
+                  f"over {sft_eval['episodes']} episodes")
+    logger.scalars("eval", {"success": sft_eval["success"]}, 0)
+    heldout_sft = None
+    if cfg.eval.heldout_episodes:
+        t0 = time.perf_counter()
+        with _rng_untouched():
+            heldout_sft = run_eval(policy, cfg, tasks, label, "heldout")
+        timings["eval_heldout_sft_s"] = time.perf_counter() - t0
+        console.print(f"held-out layouts: success {100 * heldout_sft['success']:.1f}% over "
+                      f"{heldout_sft['episodes']} episodes")
+        logger.scalars("eval_heldout", {"success": heldout_sft["success"]}, 0)
+    return sft_eval, heldout_sft, None
+
+
+def build_rl(cfg: TrainConfig, policy, tasks: list[str], data, expert_data, bc_dtype, resumed, console) -> dict:
+    """The pieces RL runs with: envs (their slots' tasks; groups of K consecutive slots for the group
+    algorithms), the curriculum, the group schedule, and iRe-VLA's episode buffer and supervised stage."""
+    from .rl.groups import GROUP_ALGOS, GroupSchedule, group_slot_tasks
+    from .rl.ire import SupervisedStage
+    from .rl.online_data import SuccessfulEpisodes
+    grouped = cfg.ppo.algo in GROUP_ALGOS
+    slot_task = group_slot_tasks(tasks, cfg.env.num_envs, cfg.ppo.group_size) if grouped else \
+        [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
+    split = {} if cfg.ppo.layouts == "fixed" else {"split": cfg.ppo.layouts}   # LIBERO's envs take no split
+    fns = [(lambda t=t, i=i: make_training_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
+                                               seed=cfg.seed * 1000 + i, **split, **env_options(cfg.env)))
+           for i, t in enumerate(slot_task)]
+    curriculum = None
+    if cfg.ppo.curriculum:
+        curriculum = make_curriculum(cfg.ppo, tasks, cfg.seed)
+        if cfg.skip_sft and resumed is None and Path(cfg.policy.policy).is_dir():
+            try:
+                restored = curriculum.load(cfg.policy.policy)   # keep what was learnt about each pair
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            if restored:
+                console.print(f"curriculum: statistics of {len(restored)} tasks restored from {cfg.policy.policy}")
+    recorder = stage = None
+    if cfg.ire.every > 0:
+        if data is None and cfg.env.benchmark == "tabletop":
+            _, data = expert_data()   # the same demonstrations SFT saw (same seed)
+        recorder = SuccessfulEpisodes(cfg.env.num_envs, cfg.ire.capacity)
+        stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
+                                learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
+                                weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
+                                balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
+    schedule = None
+    if grouped:   # every episode start of a slot takes its group's next draw
+        schedule = reset_options = GroupSchedule(slot_task, cfg.ppo.group_size, curriculum.sample)
+    else:
+        reset_options = None if curriculum is None else (lambda i: {"init_state": curriculum.sample(slot_task[i])})
+    envs = VectorEnv(fns, **vector_options(cfg.env), reset_options=reset_options)
+    return {"envs": envs, "curriculum": curriculum, "schedule": schedule, "recorder": recorder, "stage": stage}
+
+
+def iteration_line(st, prm: bool, grouped: bool, kl: bool) -> str:
+    """One iteration's line of the log."""
+    return (f"iter {st.iteration:3d} | steps {st.env_steps:7d} | SPS {st.sps:5.0f} | "
+            f"success {st.success:5.2f} ({st.episodes:3d} ep) | return {st.episode_return:6.3f} | "
+            f"approx_kl {st.approx_kl:6.4f} | clipfrac {st.clipfrac:5.3f} | "
+            f"explained_var {st.explained_variance:5.2f} | v_loss {st.v_loss:6.4f} | "
+            f"entropy {st.entropy:5.3f}{' | critic warm-up' if st.critic_only else ''}"
+            f"{f' | prm {st.prm_seconds:.1f} s' if prm else ''}"
+            f"{f' | groups {st.groups_kept} kept, {st.groups_dropped} dropped' if grouped else ''}"
+            f"{f' | kl_ref {st.kl_ref:.4f}' if kl else ''}"
+            f"{f' | {st.lost_steps} steps lost to env restarts' if st.lost_steps else ''}"
+            f"{f' | skipped {st.skipped_updates} non-finite updates' if st.skipped_updates else ''}")
+
+
+class _StopRequest:
+    """The first Ctrl-C during RL asks for a checkpoint at the end of the iteration under way; a second one stops
+    at once (workers ignore SIGINT: the manager closes them)."""
+
+    def __init__(self, console):
+        self.requested = False
+        self.console = console
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again stops at once)")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            import signal
+            signal.signal(signal.SIGINT, self._old)
+
+
 def train(cfg: TrainConfig) -> dict:
     from rich.console import Console
 
     from .envs.tabletop.expert import collect_demos
     from .policy.precision import resolve_bc_autocast
     from .rl.sft import demos_to_arrays, sft_train
-    from .rl.ire import SupervisedStage
-    from .rl.online_data import SuccessfulEpisodes
-    from .rl.trainer import PPOTrainer
 
     console = Console()
     t_start = time.perf_counter()
@@ -216,6 +330,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"--ppo.train-layers {cfg.ppo.train_layers} exceeds the tiny VLA's "
                           f"--policy.num-layers {cfg.policy.num_layers}: lower it (0 trains every layer)")
     reward_model = load_reward_model(cfg)
+    resumed = load_resume(cfg)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
@@ -223,6 +338,8 @@ def train(cfg: TrainConfig) -> dict:
                          dtype=cfg.policy.dtype, attn_implementation=cfg.policy.attn_implementation,
                          action_convention=cfg.policy.action_convention)
     policy.decode_impl = cfg.policy.decode
+    if resumed is not None:
+        policy.norm_stats = resumed["norm_stats"]   # what SFT fitted: the supervised stages tokenise with it
     bc_dtype = resolve_bc_autocast(cfg.sft.bc_autocast, cfg.device)
     if cfg.policy.gradient_checkpointing:
         enable_gradient_checkpointing(policy.model)
@@ -230,10 +347,11 @@ def train(cfg: TrainConfig) -> dict:
         # LIBERO's controller takes normalised deltas in [-1, 1]: a fresh policy acts in that space directly
         policy.norm_stats = NormStats.identity()
         console.print("note: the policy has no action statistics; it acts in LIBERO's normalised [-1, 1] space")
-    logger = _Logger(out, cfg.tensorboard)
+    logger = _Logger(out, cfg.tensorboard, purge_step=None if resumed is None else resumed["global_step"])
     summary: dict = {"tasks": tasks, "seed": cfg.seed,
                      "bc_dtype": str(bc_dtype or torch.float32).removeprefix("torch.")}
-    timings: dict[str, float] = {}
+    past = {} if resumed is None else resumed["extra"]
+    timings: dict[str, float] = dict(past.get("timings", {}))
 
     # ---- 1. SFT -----------------------------------------------------------------------------
     def expert_data():
@@ -244,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
         return episodes, demos_to_arrays(episodes)
 
     data = None
-    if not cfg.skip_sft:
+    if not cfg.skip_sft and resumed is None:
         t0 = time.perf_counter()
         episodes, data = expert_data()
         steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
@@ -258,70 +376,47 @@ def train(cfg: TrainConfig) -> dict:
         console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "
                       f"{losses[-1]:.3f} ({timings['sft_s']:.0f} s)")
         save_policy(policy, out / "checkpoints" / "sft", extra={"stage": "sft"})
-    elif policy.norm_stats is None:
+    elif resumed is None and policy.norm_stats is None:
         raise SystemExit("error: --skip-sft needs a --policy.policy checkpoint that has action statistics "
                          "(dataset_statistics.json); the 'tiny' preset has none")
-    t0 = time.perf_counter()
-    sft_eval = run_eval(policy, cfg, tasks, "after SFT" if not cfg.skip_sft else "start")
-    timings["eval_sft_s"] = time.perf_counter() - t0
-    console.print(f"{'after SFT' if not cfg.skip_sft else 'start policy'}: success {100 * sft_eval['success']:.1f}% "
-                  f"over {sft_eval['episodes']} episodes")
-    logger.scalars("eval", {"success": sft_eval["success"]}, 0)
-    heldout_sft = heldout_rl = None
-    if cfg.eval.heldout_episodes:
-        t0 = time.perf_counter()
-        with _rng_untouched():
-            heldout_sft = run_eval(policy, cfg, tasks, "after SFT" if not cfg.skip_sft else "start", "heldout")
-        timings["eval_heldout_sft_s"] = time.perf_counter() - t0
-        console.print(f"held-out layouts: success {100 * heldout_sft['success']:.1f}% over "
-                      f"{heldout_sft['episodes']} episodes")
-        logger.scalars("eval_heldout", {"success": heldout_sft["success"]}, 0)
+    if resumed is not None:
+        sft_eval, heldout_sft, heldout_rl = past["sft_eval"], past["heldout_sft"], None
+        console.print(f"resuming {out} at RL iteration {resumed['iteration']} ({resumed['global_step']} env steps)")
+    else:
+        sft_eval, heldout_sft, heldout_rl = evaluate_start(policy, cfg, tasks, logger, timings, console)
 
-    rl_eval, env_steps, history = None, 0, []
+    rl_eval, env_steps, history = None, 0, list(past.get("history", []))
     if cfg.ppo.iterations > 0:
-        # ---- 2. PPO -----------------------------------------------------------------------------
+        # ---- 2. RL ------------------------------------------------------------------------------
+        from .rl.trainer import PPOTrainer
         t0 = time.perf_counter()
-        from .rl.groups import GROUP_ALGOS, GroupSchedule, group_slot_tasks
-        grouped = cfg.ppo.algo in GROUP_ALGOS
-        slot_task = group_slot_tasks(tasks, cfg.env.num_envs, cfg.ppo.group_size) if grouped else \
-            [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
-        split = {} if cfg.ppo.layouts == "fixed" else {"split": cfg.ppo.layouts}   # LIBERO's envs take no split
-        fns = [(lambda t=t, i=i: make_training_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                                   seed=cfg.seed * 1000 + i, **split, **env_options(cfg.env)))
-               for i, t in enumerate(slot_task)]
-        curriculum = None
-        if cfg.ppo.curriculum:
-            curriculum = make_curriculum(cfg.ppo, tasks, cfg.seed)
-            if cfg.skip_sft and Path(cfg.policy.policy).is_dir():
-                try:
-                    restored = curriculum.load(cfg.policy.policy)   # resuming: keep what was learnt about each pair
-                except ValueError as e:
-                    raise SystemExit(f"error: {e}") from None
-                if restored:
-                    console.print(f"curriculum: statistics of {len(restored)} tasks restored from {cfg.policy.policy}")
-        recorder = stage = None
-        if cfg.ire.every > 0:
-            if data is None and cfg.env.benchmark == "tabletop":
-                _, data = expert_data()   # the same demonstrations SFT saw (same seed)
-            recorder = SuccessfulEpisodes(cfg.env.num_envs, cfg.ire.capacity)
-            stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
-                                    learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
-                                    weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
-                                    balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
-        if grouped:   # every episode start of a slot takes its group's next draw
-            reset_options = GroupSchedule(slot_task, cfg.ppo.group_size, curriculum.sample)
-        else:
-            reset_options = None if curriculum is None else (lambda i: {"init_state": curriculum.sample(slot_task[i])})
-        envs = VectorEnv(fns, **vector_options(cfg.env), reset_options=reset_options)
-        budget = cfg.ppo.iterations * cfg.ppo.num_steps * cfg.env.num_envs   # env steps, the same for every algo
+        parts = build_rl(cfg, policy, tasks, data, expert_data, bc_dtype, resumed, console)
+        envs, curriculum, schedule, recorder, stage = (parts[k] for k in ("envs", "curriculum", "schedule",
+                                                                          "recorder", "stage"))
         shaping = None
         if reward_model is not None:
             from .prm.shaping import PRMShaping
             shaping = PRMShaping(reward_model, cfg.reward.prm_coef, cfg.ppo.gamma, cfg.reward.prm_batch_size)
+        grouped = schedule is not None
+        budget = cfg.ppo.iterations * cfg.ppo.num_steps * cfg.env.num_envs   # env steps, the same for every algo
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
                                  shaping=shaping)
-            with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar:
+            if resumed is not None:
+                from .rl import checkpointing
+                checkpointing.restore(resumed, trainer, stage=stage, recorder=recorder, curriculum=curriculum,
+                                      schedule=schedule)
+
+            def checkpoint() -> Path:
+                from .rl import checkpointing
+                extra = {"history": history, "timings": timings, "sft_eval": sft_eval, "heldout_sft": heldout_sft,
+                         "wall_time_s": past.get("wall_time_s", 0.0) + time.perf_counter() - t_start}
+                state = checkpointing.capture(trainer, stage=stage, recorder=recorder, curriculum=curriculum,
+                                              schedule=schedule, extra=extra)
+                return checkpointing.save(out, state, cfg.checkpoint_keep)
+
+            with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar, _StopRequest(console) as stop:
+                bar.update(trainer.iteration)
                 while trainer.iteration < cfg.ppo.iterations and trainer.global_step < budget:
                     st = trainer.train_iteration()
                     row = dataclasses.asdict(st)
@@ -331,16 +426,7 @@ def train(cfg: TrainConfig) -> dict:
                         logger.scalars("curriculum", curriculum.summary(), st.env_steps)
                     bar.update(1)
                     bar.set_postfix(success=f"{st.success:.2f}", kl=f"{st.approx_kl:.3f}")
-                    bar.write(f"iter {st.iteration:3d} | steps {st.env_steps:7d} | SPS {st.sps:5.0f} | "
-                              f"success {st.success:5.2f} ({st.episodes:3d} ep) | return {st.episode_return:6.3f} | "
-                              f"approx_kl {st.approx_kl:6.4f} | clipfrac {st.clipfrac:5.3f} | "
-                              f"explained_var {st.explained_variance:5.2f} | v_loss {st.v_loss:6.4f} | "
-                              f"entropy {st.entropy:5.3f}{' | critic warm-up' if st.critic_only else ''}"
-                              f"{f' | prm {st.prm_seconds:.1f} s' if shaping is not None else ''}"
-                              f"{f' | groups {st.groups_kept} kept, {st.groups_dropped} dropped' if grouped else ''}"
-                              f"{f' | kl_ref {st.kl_ref:.4f}' if cfg.ppo.kl_coef > 0 else ''}"
-                              f"{f' | {st.lost_steps} steps lost to env restarts' if st.lost_steps else ''}"
-                              f"{f' | skipped {st.skipped_updates} non-finite updates' if st.skipped_updates else ''}")
+                    bar.write(iteration_line(st, shaping is not None, grouped, cfg.ppo.kl_coef > 0))
                     if stage is not None and st.iteration % cfg.ire.every == 0:
                         t1 = time.perf_counter()
                         res = stage.run(recorder.arrays())
@@ -351,9 +437,19 @@ def train(cfg: TrainConfig) -> dict:
                         bar.write(f"iRe-VLA supervised stage {stage.stages}: {res['steps']} steps on "
                                   f"{res['online_steps']} online steps ({len(recorder.episodes)} successful "
                                   f"episodes) + demonstrations | loss {res['loss']:.3f} | {dt:.0f} s")
+                    done = trainer.iteration >= cfg.ppo.iterations or trainer.global_step >= budget
+                    if stop.requested and not done:
+                        path = checkpoint()
+                        (out / "history.json").write_text(json.dumps(history, indent=2))
+                        logger.close()
+                        console.print(f"stopped after RL iteration {trainer.iteration}; checkpoint {path}\n"
+                                      f"resume with: vlarl-fast train --resume {out}", soft_wrap=True)
+                        raise SystemExit(130)
+                    if cfg.checkpoint_every and (trainer.iteration % cfg.checkpoint_every == 0 or done):
+                        checkpoint()   # at the end too: --resume with more --ppo.iterations extends the run
         finally:
             envs.close()
-        timings["rl_s"] = time.perf_counter() - t0
+        timings["rl_s"] = timings.get("rl_s", 0.0) + time.perf_counter() - t0
         if shaping is not None:
             timings["prm_s"] = shaping.seconds
             summary["prm_ms_per_step"] = 1000 * shaping.seconds / max(1, shaping.steps)
@@ -384,12 +480,13 @@ def train(cfg: TrainConfig) -> dict:
     console.print(success_table(sft_eval, rl_eval, heldout=(heldout_sft, heldout_rl),
                                 title="Success per task: fixed initial states and held-out layouts"
                                 if heldout_sft is not None else "Success per task"))
+    wall = past.get("wall_time_s", 0.0) + time.perf_counter() - t_start
     summary.update({
         "sft_success": None if sft_eval is None else sft_eval["success"],
         "rl_success": None if rl_eval is None else rl_eval["success"],
         "eval_episodes": (rl_eval or sft_eval or {}).get("episodes", 0),
         "env_steps": env_steps,
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": wall,
         "sft_per_task": None if sft_eval is None else sft_eval["per_task"],
         "rl_per_task": None if rl_eval is None else rl_eval["per_task"],
         "timings_s": timings,
@@ -402,13 +499,14 @@ def train(cfg: TrainConfig) -> dict:
         "rl_layouts": cfg.ppo.layouts,
         "algo": cfg.ppo.algo,
         "updates": len(history),
+        "resumed": cfg.resume is not None,
         "skipped_updates": sum(h["skipped_updates"] for h in history),
         "eval_greedy": cfg.eval.greedy,
         "reward": cfg.env.reward,
         "prm": cfg.reward.prm,
         "prm_coef": None if cfg.reward.prm is None else cfg.reward.prm_coef,
         # the reward model's share of the whole run's time
-        "prm_share": None if "prm_s" not in timings else timings["prm_s"] / (time.perf_counter() - t_start),
+        "prm_share": None if "prm_s" not in timings else timings["prm_s"] / wall,
     })
     write_json_atomic(out / "summary.json", summary)
     logger.close()

@@ -49,7 +49,7 @@ RULES: dict[str, dict[str, str]] = {
                   "online_fraction": "prob", "capacity": "count"},
     "RewardConfig": {"prm_coef": "nonneg", "prm_batch_size": "count"},
     "EvalConfig": {"episodes_per_state": "count", "init_states": "count0", "heldout_episodes": "count0"},
-    "TrainConfig": {"seed": "count0", "threads": "count0"},
+    "TrainConfig": {"seed": "count0", "threads": "count0", "checkpoint_every": "count0", "checkpoint_keep": "count"},
     "EvalCommand": {"num_tasks": "count0", "episodes_per_task": "count", "episodes_per_state": "count",
                     "init_states": "count0", "temperature": "positive", "num_envs": "count0",
                     "max_episode_steps": "count", "videos": "count0", "seed": "count0"},

@@ -190,6 +190,20 @@ class MasterWeights:
         return changed
 
 
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for _, m in self.pairs]
+
+    @torch.no_grad()
+    def load_state_dict(self, masters: list[torch.Tensor]) -> None:
+        """Masters saved by ``state_dict``, after the model's own weights were loaded: they are the truth, and the
+        model's current weights count as synced with them."""
+        if len(masters) != len(self.pairs):
+            raise ValueError(f"{len(masters)} saved master weights for {len(self.pairs)} 16-bit parameters")
+        for (p, m), saved in zip(self.pairs, masters):
+            m.copy_(saved)
+            self._written[id(p)] = _stamp(p)
+
+
 def _stamp(p: torch.Tensor) -> tuple[int, int]:
     # in-place writes bump the version counter; replacing ``.data`` changes the storage
     return p.data_ptr(), p._version

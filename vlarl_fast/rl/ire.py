@@ -59,6 +59,26 @@ class SupervisedStage:
         self.masters: MasterWeights | None = None   # float32 copies of the 16-bit weights the optimiser steps
         self.stages = 0
 
+    def _make_optimizer(self) -> None:
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.optimizer, self.masters = bc_optimizer(self.policy, params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the stages exactly: the optimiser's moments, the masters, the
+        row sampler's RNG and the stage count."""
+        return {"stages": self.stages, "rng": self.rng.bit_generator.state,
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "masters": None if self.masters is None else self.masters.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stages = state["stages"]
+        self.rng.bit_generator.state = state["rng"]
+        if state["optimizer"] is not None:
+            with all_trainable_but_value(self.policy.model):
+                self._make_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.masters.load_state_dict(state["masters"])
+
     def _split(self, n_online_rows: int) -> tuple[int, int]:
         """Rows per batch from (online, expert)."""
         if n_online_rows == 0:
@@ -88,8 +108,7 @@ class SupervisedStage:
         losses = []
         with all_trainable_but_value(model):
             if self.optimizer is None:
-                params = [p for p in model.parameters() if p.requires_grad]
-                self.optimizer, self.masters = bc_optimizer(pol, params, lr=self.lr, weight_decay=self.weight_decay)
+                self._make_optimizer()
             else:
                 # PPO stepped some of these weights since the last stage: they, not the masters this stage
                 # left behind, are the weights to continue from

@@ -47,6 +47,17 @@ class SuccessfulEpisodes:
         while self.steps > self.capacity_steps and len(self.episodes) > 1:
             self.steps -= len(self.episodes.popleft()["tokens"])
 
+    def state_dict(self) -> dict:
+        return {"open": [list(slot) for slot in self._open], "episodes": list(self.episodes), "steps": self.steps,
+                "kept": self.kept}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["open"]) != len(self._open):
+            raise ValueError(f"saved episodes of {len(state['open'])} env slots for {len(self._open)}")
+        self._open = [list(slot) for slot in state["open"]]
+        self.episodes = deque(state["episodes"])
+        self.steps, self.kept = state["steps"], state["kept"]
+
     def arrays(self) -> dict | None:
         """Flat per-step arrays (images, states, tokens, instructions), or None while empty."""
         if not self.episodes:

@@ -176,6 +176,8 @@ class PPOTrainer:
         if shaping is not None:
             shaping.reset(self.obs, envs.instructions)
         self.episode_adv = np.zeros(0, dtype=np.float32)   # group algorithms: advantage of each rollout episode
+        # each env's actions since its episode began: with its initial state, what a resumed run replays
+        self._actions: list[list[np.ndarray]] = [[] for _ in range(envs.num_envs)]
         self.iteration = 0
         self.global_step = 0
 
@@ -198,6 +200,8 @@ class PPOTrainer:
                 None if out.frozen is None else out.frozen.to("cpu"), ids=None if full else ids, episode=episode)
         if self.recorder is not None:
             self.recorder.record(images, states, tokens.numpy(), instructions, slots=None if full else ids)
+        for j, i in enumerate(ids):
+            self._actions[i].append(np.array(out.actions[j]))
         if full:
             next_obs, reward, term, trunc, info = self.envs.step(out.actions)
         else:
@@ -218,6 +222,7 @@ class PPOTrainer:
         ended = np.asarray(info["done"], dtype=bool) | lost
         for j in np.flatnonzero(ended):
             i = int(ids[j])
+            self._actions[i] = []
             ok = bool(info["success"][j]) and not lost[j]
             if self.recorder is not None:
                 self.recorder.end(i, ok)
@@ -236,6 +241,32 @@ class PPOTrainer:
         self.global_step += len(ids)
         return {"reward": np.asarray(reward, dtype=np.float32), "ended": ended, "lost": lost,
                 "success": np.asarray(info["success"], dtype=bool) & ~lost}
+
+    # ---- what a resumed run needs of the envs -------------------------------------------------
+    def env_replay(self) -> dict:
+        """Each env's episode in progress: its initial state and the actions taken since."""
+        return {"init_states": np.asarray(self.envs.init_states).copy(),
+                "actions": [np.stack(a) if a else np.zeros((0, 7), np.float32) for a in self._actions]}
+
+    def replay_envs(self, saved: dict) -> None:
+        """Rebuild the episodes ``env_replay`` described: reset every env to its initial state and step it
+        through its actions again (the simulator is deterministic), so the run goes on from the same scenes."""
+        N = self.envs.num_envs
+        actions = saved["actions"]
+        if len(actions) != N:
+            raise ValueError(f"the checkpoint holds {len(actions)} envs; this run has {N}")
+        obs, _ = self.envs.reset(options={"per_env": [{"init_state": int(k)} for k in saved["init_states"]]})
+        obs = {k: np.array(v) for k, v in obs.items()}
+        for k in range(max((len(a) for a in actions), default=0)):
+            ids = np.array([i for i in range(N) if len(actions[i]) > k])
+            o, _, term, trunc, _ = self.envs.step_envs(np.stack([actions[i][k] for i in ids]), ids)
+            if (term | trunc).any():
+                raise RuntimeError("replaying an episode in progress ended it: the env did not repeat itself, so "
+                                   "the run cannot resume exactly")
+            for key in obs:
+                obs[key][ids] = o[key]
+        self.obs = obs
+        self._actions = [[np.array(x) for x in a] for a in actions]
 
     def _new_stats(self) -> dict:
         return {"successes": [], "returns": [], "lost_steps": 0,
