@@ -222,3 +222,31 @@ def test_group_algorithm_settings_are_checked_before_any_work(tmp_path, usage_er
         out = tmp_path / "run"
         usage_error(pattern, ["train", "--preset", "smoke", "--output-dir", str(out), "--ppo.algo", "grpo", *argv])
         assert not (out / "config.json").exists()
+
+
+def test_kl_reference_of_a_lora_policy_is_its_base_with_the_adapters_off():
+    pol = _policy()
+    with VectorEnv(_fns(2), backend="inprocess") as envs:
+        tr = PPOTrainer(pol, envs, _cfg(lora_rank=4, lora_alpha=8.0, kl_coef=0.1), seed=0)
+        assert tr.reference.frozen is None   # no second copy of the weights
+        tr.collect()
+    data, idx = tr.buffer.flat(), np.arange(6)
+    tokens = data["tokens"][idx]
+    lora_b = [p for n, p in pol.model.named_parameters() if "lora_B" in n]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_b:   # adapters that change the policy
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        adapted = tr._score(data, idx, tokens, False)[0]
+        with tr.reference.active():
+            ref = tr._score(data, idx, tokens, False)[0]
+        saved = [p.clone() for p in lora_b]
+        for p in lora_b:
+            p.zero_()
+        base = tr._score(data, idx, tokens, False)[0]
+        for p, s in zip(lora_b, saved):
+            p.copy_(s)
+    assert torch.allclose(ref, base, atol=1e-6) and not torch.allclose(adapted, base, atol=1e-3)
+    assert all(p.requires_grad for p in lora_b)   # the trainer's choice of what learns survives the switch
+    out = tr.update(critic_only=False)
+    assert out["kl_ref"] > 0 and out["skipped_updates"] == 0
