@@ -95,9 +95,8 @@ class PolicyConfig:
     hidden_size: int = 64
     """LM width of the 'tiny' preset."""
     num_layers: int = 2
-    """LM depth of the 'tiny' preset. On the tabletop suite (seed 0, 300 demo layouts), 64 wide and 2 deep
-    reached 35.7% on held-out layouts after SFT where 128 wide and 4 deep reached 23.5%: the smaller LM
-    memorises less and trains twice as fast."""
+    """LM depth of the 'tiny' preset (64 wide and 2 deep: chosen on held-out success after SFT,
+    benchmarks/RESULTS.md)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights' dtype of an OpenVLA or transformers checkpoint ('auto': bfloat16 on a CUDA device, float32 on the
     CPU); the tiny VLA is always float32."""
@@ -125,26 +124,23 @@ class SFTConfig:
     """Scripted-expert demonstrations per task (successful episodes only)."""
     demo_layouts: int = 300
     """Scenes the demonstrations are recorded on: the first N layouts of each task's seeded stream (its fixed
-    initial states come first). What transfers to held-out layouts is the number of distinct scenes: on seed 0
-    with the former 4-layer LM, 50 scenes gave 5.0% held-out success, 300 scenes 7.2% at the same step budget
-    and 23.5% with 15 demos per scene's worth of steps."""
+    initial states come first). More distinct scenes transfer better to held-out layouts (chosen on held-out
+    success, benchmarks/RESULTS.md)."""
     demo_noise: float = 0.1
     """Std of the Gaussian noise on the executed motion commands."""
     clean_labels: bool = True
     """Label each step with the expert's intended action (DART); False: with the executed noisy action,
     as teleoperated demonstrations are."""
     epochs: int = 14
-    """Passes over the demonstration steps. They set where RL starts, and how much RL then adds: on the default
-    suite 10 and 14 epochs ended SFT at 26-36% on held-out layouts and 40-49% on the fixed states (seed 0), 20
-    epochs at 32-53% and 65-82% (seeds 0-2); from 20 epochs RL added +5 to +6 points on held-out layouts and
-    -2 to +2 on the fixed states, from 14 epochs +12.5 and +10.8."""
+    """Passes over the demonstration steps. They set where RL starts, and how much RL then adds (chosen on
+    success after RL, benchmarks/RESULTS.md)."""
     augment_pad: int = 0
     """Random-shift image augmentation: pad by this many pixels and crop back (0: off)."""
     batch_size: int = 64
     """Steps per gradient update."""
     learning_rate: float = 2e-3
-    """AdamW learning rate (after the warm-up, cosine decay to 10%). Against 1e-3 without warm-up, seeds 1 and 2
-    ended SFT at loss 0.100 and 0.068 (was 0.172 and 0.080) and 31.8% and 33.2% success (was 26.2% and 30.0%)."""
+    """AdamW learning rate (after the warm-up, cosine decay to 10%; chosen together with the warm-up on SFT loss
+    and success, benchmarks/RESULTS.md)."""
     warmup_steps: int = 100
     """Gradient steps of linear learning-rate warm-up."""
     weight_decay: float = 0.01
@@ -152,7 +148,7 @@ class SFTConfig:
     bc_autocast: Literal["auto", "bfloat16", "off"] = "auto"
     """Matrix products of the behaviour-cloning steps (SFT and iRe's supervised stages) in bfloat16 through
     torch.autocast; weights, gradients and AdamW stay float32. 'auto': on for a CUDA device with bfloat16 and a
-    CPU with native bfloat16 (AMX or AVX512-BF16, where a step runs x1.2-1.4 faster), off elsewhere (`vlarl-fast
+    CPU with native bfloat16 (AMX or AVX512-BF16, where a step runs faster), off elsewhere (`vlarl-fast
     info` says which); 'off': float32 throughout. PPO updates stay float32: their ratio is taken against
     log-probs from the float32 rollout forward."""
 
@@ -212,7 +208,7 @@ class PPOConfig:
     and take the PPO ratio against those log-probs; the rollout's are kept for the rollout_logp_gap metric.
     The rollout decoder and the update compute the same log-probs by different kernels, which in bfloat16
     differ enough to move the first ratio off 1 (docs/precision.md). 'auto': on unless the language model is
-    float32 (where the two agree to 4e-6; recomputing costs about one forward pass over the rollout)."""
+    float32 (where the two agree to rounding; recomputing costs about one forward pass over the rollout)."""
     critic: Literal["shared", "separate"] = "shared"
     """The critic: 'shared' = a value head on the policy's own hidden states (one forward for both; the tiny
     VLA detaches them so value gradients leave the policy alone); 'separate' = VLA-RL's critic, a copy of the
@@ -233,7 +229,7 @@ class PPOConfig:
     train_layers: int = 1
     """Train only this many top LM layers (plus the final norm and the LM head) during RL, as iRe-VLA keeps
     the backbone frozen in its RL stage; 0 trains the whole policy (but the vision tower if freeze_vision).
-    On the tabletop default, training the whole LM lost skill to gradient noise (+2.3 points vs +4.5)."""
+    Fewer trained parameters keep the policy gradient's noise from eroding the SFT skill (benchmarks/RESULTS.md)."""
     cache_frozen_layers: bool = False
     """Keep the inputs of the first trained LM layer from the rollout, so the update runs only the trained
     layers instead of the whole model (the same numbers to float rounding; needs --ppo.train-layers > 0, no
@@ -253,8 +249,8 @@ class PPOConfig:
     layouts: Literal["auto", "fixed", "open"] = "auto"
     """Layouts RL practises on: 'fixed', each task's fixed initial states (LIBERO's protocol); 'open', the open
     stream of training layouts, a fresh scene for every new draw (tabletop only; the held-out layouts are never
-    drawn); 'auto': 'open' where every task has an open stream, else 'fixed'. From the same SFT start (seed 0,
-    45 iterations), 'open' gained +6.5 points on held-out layouts and 'fixed' +5.8."""
+    drawn); 'auto': 'open' where every task has an open stream, else 'fixed' (chosen on held-out success,
+    benchmarks/RESULTS.md)."""
     curriculum: bool = True
     """Draw each episode's initial state by VLA-RL's curriculum (unvisited pairs first, then favour pairs
     solved about half the time; on the open stream, a fresh layout or a replay of one already tried). Its
@@ -262,8 +258,7 @@ class PPOConfig:
     from that checkpoint."""
     curriculum_fresh: float = 1.0
     """With --ppo.layouts open: share of draws that are a layout never tried; the rest replay tried layouts by
-    the curriculum's weights. From the same SFT start (seed 0, 26.5% on held-out layouts), every draw fresh
-    gained +12.5 points on held-out layouts and half fresh +7.2."""
+    the curriculum's weights (chosen on held-out success, benchmarks/RESULTS.md)."""
     curriculum_pool: int = 256
     """With --ppo.layouts open: tried layouts kept for replay per task (the one that teaches least leaves)."""
     curriculum_temperature: float = 0.1
@@ -280,10 +275,8 @@ class IReConfig:
     """Run iRe-VLA's supervised stage after every N PPO iterations (and so after the last one when N divides
     the iteration count: the default's 90 iterations end with the tenth stage); 0: PPO only."""
     steps: int = 600
-    """Behaviour-cloning gradient steps per supervised stage (the whole policy, vision tower included). From the
-    same SFT start (29.0%): PPO alone +4.8 points, stages of 150 steps +5.8, of 400 steps +8.2. After 30 SFT
-    epochs, stages of 600 steps gained +13.3, +11.7 and +14.2 on seeds 0-2, of 400 steps +12.8, +6.8 and +8.3
-    (400 steps take about 340 s less of the run on 2 cores)."""
+    """Behaviour-cloning gradient steps per supervised stage (the whole policy, vision tower included; chosen on
+    success after RL, benchmarks/RESULTS.md)."""
     batch_size: int = 64
     """Steps per gradient update of the supervised stage."""
     learning_rate: float = 1e-4
@@ -294,8 +287,7 @@ class IReConfig:
     """Environment steps of successful episodes kept (the oldest episodes leave first)."""
     balance_tasks: bool = True
     """Draw the online rows so that every task has the same share (rare successes of hard tasks count as
-    much as the many of easy ones: +9.2 points against +8.2 uniformly, with push and place_two up);
-    False: uniformly over the online steps."""
+    much as the many of easy ones); False: uniformly over the online steps."""
 
 
 @dataclass
@@ -349,8 +341,9 @@ class TrainConfig:
     """Save a resumable RL checkpoint (RUN_DIR/checkpoints/rl-NNNNN: weights, optimisers, every RNG, the
     curriculum, the iRe-VLA episode buffer, the envs' episodes in progress, history) every N iterations; 0: only
     on Ctrl-C."""
-    checkpoint_keep: int = 2
-    """RL checkpoints kept (the oldest go first)."""
+    checkpoint_keep: int = 1
+    """RL checkpoints kept (the oldest go first; a new one is complete before an old one goes). A tabletop
+    checkpoint holds iRe-VLA's episode buffer, up to --ire.capacity steps of 64 px images (about 370 MB)."""
     resume: str | None = None
     """Continue the run in this directory from its newest RL checkpoint, with its config.json; the command line
     may change only what does not alter the past (--ppo.iterations to extend the run, --checkpoint-every,

@@ -1,7 +1,7 @@
 """Load balancing for env workers: spreading workers over render devices, and moving envs between
 workers by their measured costs.
 
-The reference code sets ``MUJOCO_EGL_DEVICE_ID`` from the process rank and crashes when a worker
+Setting ``MUJOCO_EGL_DEVICE_ID`` from a process's rank (as VLA-RL's code does) crashes when a worker
 sees fewer devices than its rank. Here the assignment is a pure function of measured per-env costs
 (greedy, longest first), so it is tested with simulated costs and works for any number of devices.
 Which devices exist and the variables that select them are render_devices' part.
