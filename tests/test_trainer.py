@@ -250,3 +250,41 @@ def test_kl_reference_of_a_lora_policy_is_its_base_with_the_adapters_off():
     assert all(p.requires_grad for p in lora_b)   # the trainer's choice of what learns survives the switch
     out = tr.update(critic_only=False)
     assert out["kl_ref"] > 0 and out["skipped_updates"] == 0
+
+
+# ---- pipelined rollout ------------------------------------------------------------------------
+
+def _rollouts(rollout, backend, iterations=2):
+    """Buffers of ``iterations`` greedy rollouts (no update between them) on 4 envs of 2 tasks, with episodes
+    short enough to end and restart from the curriculum's fresh layouts."""
+    from vlarl_fast.rl.curriculum import OpenCurriculum
+    tasks = [TASK, "tabletop/reach_blue"]
+    cur = OpenCurriculum(tasks, fresh=1.0, seed=0)
+    slot = [tasks[i % 2] for i in range(4)]
+    fns = [(lambda t=t, i=i: make_env(t, image_size=SIZE, seed=10 + i, max_episode_steps=3 + i, split="open"))
+           for i, t in enumerate(slot)]
+    out = []
+    with VectorEnv(fns, backend=backend, reset_options=lambda i: {"init_state": cur.sample(slot[i])}) as envs:
+        tr = PPOTrainer(_policy(), envs, _cfg(rollout=rollout, num_steps=7), seed=0, curriculum=cur)
+        tr.greedy = True
+        for _ in range(iterations):
+            tr.collect()
+            b = tr.buffer
+            out.append({k: getattr(b, k)[:b.T].clone() for k in ("tokens", "rewards", "terminated", "episode_end",
+                                                                  "states", "obs", "values", "next_values")})
+        out.append(cur.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("backend", ["inprocess", "process"])
+def test_pipelined_rollout_gives_each_env_the_synchronous_episodes(backend):
+    if backend == "process" and not __import__("vlarl_fast._ext", fromlist=["x"]).EXT_AVAILABLE:
+        pytest.skip("needs the compiled extension (worker processes)")
+    sync, piped = _rollouts("sync", backend), _rollouts("pipelined", backend)
+    for a, b in zip(sync[:-1], piped[:-1]):
+        for k in ("tokens", "rewards", "terminated", "episode_end", "states", "obs"):
+            assert torch.equal(a[k], b[k]), k
+        for k in ("values", "next_values"):   # batches of 2 and of 4 round differently
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert a["episode_end"].sum() >= 4   # episodes ended and restarted within the rollouts
+    assert sync[-1] == piped[-1]   # the curriculum saw the same episodes in the same order

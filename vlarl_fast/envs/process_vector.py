@@ -78,6 +78,14 @@ def _batch_fields(obs_space, action_space, num_envs: int) -> dict:
     return fields
 
 
+def _reorder(result: tuple, order: np.ndarray) -> tuple:
+    """A step result (obs, rewards, terminated, truncated, info) with its rows taken in ``order``."""
+    obs, rew, term, trunc, info = result
+    take = (lambda v: v[order] if isinstance(v, np.ndarray) else [v[i] for i in order])
+    info = {k: ({kk: vv[order] for kk, vv in v.items()} if isinstance(v, dict) else take(v)) for k, v in info.items()}
+    return {k: v[order] for k, v in obs.items()}, rew[order], term[order], trunc[order], info
+
+
 def default_num_workers(num_envs: int) -> int:
     """One worker per usable core (never more than envs): more processes than cores only trade
     stepping for context switches."""
@@ -682,6 +690,18 @@ class ProcessVectorEnv(VectorEnv):
         k = min(batch_size or self.batch_size or len(busy), len(busy))
         done = self._wait(busy, k)
         return self._finish(np.sort(np.asarray(done[:k], dtype=np.int64)))
+
+    def recv_envs(self, env_ids):
+        """Wait for exactly the envs ``env_ids`` (all in flight) and return their results in ``env_ids``
+        order: a pipelined rollout receives one group of envs while another still steps."""
+        self._check_open()
+        ids = self._env_ids(env_ids)
+        if not self._busy[ids].all():
+            raise RuntimeError(f"recv_envs: envs {ids[~self._busy[ids]].tolist()} are not in flight; send them first")
+        self._wait(ids, len(ids))
+        order = np.argsort(ids)
+        out = self._finish(ids[order])
+        return _reorder(out, np.argsort(order))
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

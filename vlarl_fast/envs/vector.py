@@ -261,6 +261,15 @@ class InProcessVectorEnv(VectorEnv):
         actions, ids = self._pending.pop(0)
         return self._step_ids(actions, ids)
 
+    def recv_envs(self, env_ids):
+        """The results of the batch sent for exactly ``env_ids`` (stepped now, in this process)."""
+        ids = self._env_ids(env_ids)
+        for k, (actions, sent) in enumerate(self._pending):
+            if np.array_equal(sent, ids):
+                del self._pending[k]
+                return self._step_ids(actions, ids)
+        raise RuntimeError(f"recv_envs: no batch was sent for envs {ids.tolist()}")
+
     def close(self) -> None:
         if self._closed:
             return

@@ -176,6 +176,7 @@ class PPOTrainer:
         if shaping is not None:
             shaping.reset(self.obs, envs.instructions)
         self.episode_adv = np.zeros(0, dtype=np.float32)   # group algorithms: advantage of each rollout episode
+        self.greedy = False   # deterministic rollouts (tests compare the synchronous and the pipelined loop)
         # each env's actions since its episode began: with its initial state, what a resumed run replays
         self._actions: list[list[np.ndarray]] = [[] for _ in range(envs.num_envs)]
         self.iteration = 0
@@ -184,16 +185,25 @@ class PPOTrainer:
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
     def _step(self, t: int, ids: np.ndarray, stats: dict, episode: np.ndarray | None = None) -> dict:
-        """One vector step of envs ``ids``: act, store, step the envs, shape the reward, record the outcome.
-        Every env steps (PPO) or only those whose group still runs (the group algorithms)."""
+        """One vector step of envs ``ids``: act, step the envs, observe the outcome. Every env steps (PPO) or
+        only those whose group still runs (the group algorithms)."""
+        actions, instructions = self._act(t, ids, episode)
+        full = len(ids) == self.envs.num_envs
+        result = self.envs.step(actions) if full else self.envs.step_envs(actions, ids)
+        return self._observe(t, ids, instructions, result, stats)
+
+    @torch.no_grad()
+    def _act(self, t: int, ids: np.ndarray, episode: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+        """The policy's actions for envs ``ids`` at step t, stored in the buffer (and the iRe-VLA recorder);
+        returns them with the instructions they were chosen for."""
         cfg, buf, pol = self.cfg, self.buffer, self.policy
         full = len(ids) == self.envs.num_envs
         every = self.envs.instructions
         instructions = every if full else [every[i] for i in ids]
         images, states = (self.obs["image"], self.obs["state"]) if full else \
             (self.obs["image"][ids], self.obs["state"][ids])
-        out = pol.act(images, states, instructions, temperature=cfg.temperature, generator=self.generator,
-                      capture_layer=self.first_layer)
+        out = pol.act(images, states, instructions, temperature=cfg.temperature, greedy=self.greedy,
+                      generator=self.generator, capture_layer=self.first_layer)
         obs_store = out.vision_feats.cpu() if cfg.freeze_vision else torch.as_tensor(images)
         tokens = out.tokens.cpu()
         buf.add(t, obs_store, torch.as_tensor(states), tokens, out.logprobs.cpu(), out.values, instructions,
@@ -202,10 +212,15 @@ class PPOTrainer:
             self.recorder.record(images, states, tokens.numpy(), instructions, slots=None if full else ids)
         for j, i in enumerate(ids):
             self._actions[i].append(np.array(out.actions[j]))
-        if full:
-            next_obs, reward, term, trunc, info = self.envs.step(out.actions)
-        else:
-            next_obs, reward, term, trunc, info = self.envs.step_envs(out.actions, ids)
+        return out.actions, instructions
+
+    @torch.no_grad()
+    def _observe(self, t: int, ids: np.ndarray, instructions: list[str], result: tuple, stats: dict) -> dict:
+        """What step t of envs ``ids`` gave: the (shaped) rewards and flags into the buffer, bootstrap values at
+        time-limit cuts, episode ends to the curriculum, the recorder and the statistics."""
+        buf, pol = self.buffer, self.policy
+        full = len(ids) == self.envs.num_envs
+        next_obs, reward, term, trunc, info = result
         if not np.isfinite(reward).all():
             raise FloatingPointError("non-finite reward from the environment")
         lost = np.asarray(info.get("worker_restarted", np.zeros(len(ids), dtype=bool)), dtype=bool)
@@ -285,11 +300,35 @@ class PPOTrainer:
         pol.model.eval()
         stats = self._new_stats()
         buf.start(cfg.num_steps)
-        ids = np.arange(self.envs.num_envs)
-        for t in range(cfg.num_steps):
-            self._step(t, ids, stats)
+        N = self.envs.num_envs
+        if cfg.rollout == "pipelined" and N >= 2:
+            self._collect_pipelined(stats)
+        else:
+            ids = np.arange(N)
+            for t in range(cfg.num_steps):
+                self._step(t, ids, stats)
         buf.finish(pol.value(self.obs["image"], self.obs["state"], self.envs.instructions))
         return self._finish_stats(stats)
+
+    def _collect_pipelined(self, stats: dict) -> None:
+        """The rollout with the envs in two halves that alternate: while one half steps in the env workers, the
+        policy decodes for the other (EnvPool's send/recv). Each env gets the actions the synchronous loop would
+        give it (the same ones when decoding is deterministic), and the halves are received in env order, so
+        the curriculum sees the episode ends in the synchronous loop's order."""
+        N, T = self.envs.num_envs, self.cfg.num_steps
+        halves = [np.arange(N // 2), np.arange(N // 2, N)]
+        self.obs = {k: np.array(v) for k, v in self.obs.items()}   # rows are replaced half by half
+        chosen = []
+        for h in halves:
+            actions, instructions = self._act(0, h)
+            self.envs.send(actions, h)
+            chosen.append(instructions)
+        for t in range(T):
+            for k, h in enumerate(halves):
+                self._observe(t, h, chosen[k], self.envs.recv_envs(h), stats)
+                if t + 1 < T:
+                    actions, chosen[k] = self._act(t + 1, h)
+                    self.envs.send(actions, h)
 
     @torch.no_grad()
     def collect_groups(self) -> dict:
