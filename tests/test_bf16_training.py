@@ -21,8 +21,8 @@ import torch
 from vlarl_fast.config import PPOConfig
 from vlarl_fast.envs import VectorEnv, make_env
 from vlarl_fast.policy import VLAPolicy, make_policy
-from vlarl_fast.policy.openvla import OpenVLAConfig, OpenVLAModel, build_llama_tokenizer, random_tiny_openvla
-from vlarl_fast.policy.openvla.loader import parameters_on_meta
+from vlarl_fast.policy.openvla import (OpenVLAConfig, OpenVLAModel, build_llama_tokenizer, random_openvla,
+                                      random_tiny_openvla)
 from vlarl_fast.policy.precision import (MasterWeights, PrecisionError, check_float32_optimizer, resolve_attention,
                                          set_attention)
 from vlarl_fast.policy.protocol import enable_gradient_checkpointing, update_mode
@@ -41,29 +41,6 @@ class _Envs:
 
     def reset(self, seed=None):
         return {}, {}
-
-
-def random_openvla(config: OpenVLAConfig, device, dtype, *, seed: int = 0, std: float = 0.02,
-                   value_hidden: int = 64) -> OpenVLAModel:
-    """An OpenVLA of ``config`` with random weights made as ``load_openvla`` makes a checkpoint's model:
-    parameters built on the meta device, then tensors of ``dtype`` assigned on ``device`` (a 7B model
-    costs its bfloat16 weights once). Matrices N(0, std) (Llama's initializer range), norm scales 1,
-    biases 0; a float32 value head of width ``value_hidden``."""
-    with parameters_on_meta():
-        model = OpenVLAModel(config)
-    g = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, p in model.named_parameters():
-        t = torch.empty(p.shape, device=device, dtype=dtype)
-        if p.dim() > 1:
-            t.normal_(0.0, std, generator=g)
-        else:
-            t.fill_(0.0 if name.endswith("bias") else 1.0)
-        state[name] = t
-    model.load_state_dict(state, strict=False, assign=True)
-    model.to(device)
-    model.add_value_head(value_hidden)
-    return model.eval()
 
 
 def openvla_policy(model: OpenVLAModel, device) -> VLAPolicy:

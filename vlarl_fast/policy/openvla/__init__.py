@@ -6,9 +6,9 @@ from .loader import OpenVLABundle, OpenVLACheckpointError, is_openvla_checkpoint
 from .model import OpenVLAModel
 from .preprocess import ImageProcessor
 from .prompt import build_llama_tokenizer, prompt_ids, prompt_text
-from .tiny import random_tiny_openvla
+from .tiny import random_openvla, random_tiny_openvla
 from .writer import save_openvla
 
 __all__ = ["OpenVLAConfig", "ViTSpec", "OpenVLABundle", "OpenVLACheckpointError", "is_openvla_checkpoint",
            "load_openvla", "OpenVLAModel", "ImageProcessor", "build_llama_tokenizer", "prompt_ids", "prompt_text",
-           "random_tiny_openvla", "save_openvla"]
+           "random_openvla", "random_tiny_openvla", "save_openvla"]
