@@ -255,8 +255,9 @@ def test_kl_reference_of_a_lora_policy_is_its_base_with_the_adapters_off():
 # ---- pipelined rollout ------------------------------------------------------------------------
 
 def _rollouts(rollout, backend, iterations=2):
-    """Buffers of ``iterations`` greedy rollouts (no update between them) on 4 envs of 2 tasks, with episodes
-    short enough to end and restart from the curriculum's fresh layouts."""
+    """Buffers of ``iterations`` greedy rollouts (no update between them) on 4 envs of 2 tasks (2 workers: the
+    pipelined halves are the even and the odd envs), with episodes short enough to end and restart from the
+    curriculum's fresh layouts."""
     from vlarl_fast.rl.curriculum import OpenCurriculum
     tasks = [TASK, "tabletop/reach_blue"]
     cur = OpenCurriculum(tasks, fresh=1.0, seed=0)
@@ -264,7 +265,9 @@ def _rollouts(rollout, backend, iterations=2):
     fns = [(lambda t=t, i=i: make_env(t, image_size=SIZE, seed=10 + i, max_episode_steps=3 + i, split="open"))
            for i, t in enumerate(slot)]
     out = []
-    with VectorEnv(fns, backend=backend, reset_options=lambda i: {"init_state": cur.sample(slot[i])}) as envs:
+    extra = {"num_workers": 2} if backend == "process" else {}
+    with VectorEnv(fns, backend=backend, reset_options=lambda i: {"init_state": cur.sample(slot[i])},
+                   **extra) as envs:
         tr = PPOTrainer(_policy(), envs, _cfg(rollout=rollout, num_steps=7), seed=0, curriculum=cur)
         tr.greedy = True
         for _ in range(iterations):
@@ -280,7 +283,12 @@ def _rollouts(rollout, backend, iterations=2):
 def test_pipelined_rollout_gives_each_env_the_synchronous_episodes(backend):
     if backend == "process" and not __import__("vlarl_fast._ext", fromlist=["x"]).EXT_AVAILABLE:
         pytest.skip("needs the compiled extension (worker processes)")
-    sync, piped = _rollouts("sync", backend), _rollouts("pipelined", backend)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)   # the pipelined rollout decodes on one thread here: the same arithmetic for both
+    try:
+        sync, piped = _rollouts("sync", backend), _rollouts("pipelined", backend)
+    finally:
+        torch.set_num_threads(before)
     for a, b in zip(sync[:-1], piped[:-1]):
         for k in ("tokens", "rewards", "terminated", "episode_end", "states", "obs"):
             assert torch.equal(a[k], b[k]), k
@@ -288,3 +296,15 @@ def test_pipelined_rollout_gives_each_env_the_synchronous_episodes(backend):
             assert torch.allclose(a[k], b[k], atol=1e-5), k
         assert a["episode_end"].sum() >= 4   # episodes ended and restarted within the rollouts
     assert sync[-1] == piped[-1]   # the curriculum saw the same episodes in the same order
+
+
+def test_pipeline_halves_give_each_half_workers_of_its_own():
+    from vlarl_fast.rl.trainer import pipeline_halves
+    with VectorEnv(_fns(5), backend="inprocess") as envs:
+        assert [h.tolist() for h in pipeline_halves(envs)] == [[0, 1], [2, 3, 4]]
+    if not __import__("vlarl_fast._ext", fromlist=["x"]).EXT_AVAILABLE:
+        return
+    with VectorEnv(_fns(6), backend="process", num_workers=2) as envs:   # env i on worker i % 2
+        assert [h.tolist() for h in pipeline_halves(envs)] == [[0, 2, 4], [1, 3, 5]]
+    with VectorEnv(_fns(2), backend="process", num_workers=1) as envs:
+        assert [h.tolist() for h in pipeline_halves(envs)] == [[0], [1]]

@@ -66,7 +66,7 @@ def test_bad_train_values_fail_before_any_work(tmp_path, usage_error, argv, patt
 
 
 @pytest.mark.parametrize("argv,pattern", [
-    (["prm", "--data.val-fraction", "1"], r"--data\.val-fraction must be a number in \(0, 1\)"),
+    (["prm", "--data.val-fraction", "1"], r"--data\.val-fraction must be a number in \[0, 1\)"),
     (["prm", "--segment.velocity-threshold", "-1"], r"--segment\.velocity-threshold must be a probability"),
     (["prm", "--data.expert-noise", "0.1", "-1"], r"--data\.expert-noise must be a finite number >= 0"),
     (["prm", "--train.learning-rate", "nan"], r"--train\.learning-rate must be a finite number > 0"),

@@ -170,9 +170,9 @@ class PPOConfig:
     """Environment steps per env per iteration (the rollout horizon T)."""
     rollout: Literal["sync", "pipelined"] = "sync"
     """How PPO's rollout drives the envs: 'sync', the policy decodes for every env, then every env steps;
-    'pipelined', the envs in two halves that alternate, so one half steps in the env workers while the policy
-    decodes for the other (the same actions per env; the group algorithms always run their groups as they
-    finish)."""
+    'pipelined', the envs in two halves (by worker) that alternate, so one half steps in the env workers while
+    the policy decodes for the other, on the cores those workers leave (the same actions per env; the group
+    algorithms always run their groups as they finish)."""
     learning_rate: float = 1e-4
     """Adam learning rate of the policy."""
     critic_learning_rate: float = 1e-3

@@ -26,7 +26,7 @@ CHECKS: dict[str, tuple[typing.Callable[[float], bool], str]] = {
     "finite": (lambda v: math.isfinite(v), "a finite number"),
     "prob": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "below1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 
 # config class name -> field -> rule (None values pass: they mean "the default" where a field allows None)
@@ -41,7 +41,7 @@ RULES: dict[str, dict[str, str]] = {
                   "clip_high": "positive", "vf_coef": "nonneg", "ent_coef": "nonneg", "update_epochs": "count",
                   "minibatch_size": "count", "max_grad_norm": "positive", "target_kl": "positive",
                   "critic_warmup": "count0", "temperature": "positive", "train_layers": "count0",
-                  "lora_rank": "count0", "lora_alpha": "positive", "lora_dropout": "dropout",
+                  "lora_rank": "count0", "lora_alpha": "positive", "lora_dropout": "below1",
                   "curriculum_fresh": "prob", "curriculum_pool": "count", "curriculum_temperature": "positive",
                   "curriculum_window": "count", "curriculum_floor": "prob", "kl_coef": "nonneg",
                   "group_size": "count"},
@@ -55,7 +55,7 @@ RULES: dict[str, dict[str, str]] = {
                     "max_episode_steps": "count", "videos": "count0", "seed": "count0"},
     "PRMConfig": {"seed": "count0", "threads": "count0", "plots": "count0"},
     "PRMDataConfig": {"expert_episodes": "count0", "expert_noise": "nonneg", "layouts": "count",
-                      "policy_episodes": "count0", "temperature": "positive", "val_fraction": "fraction"},
+                      "policy_episodes": "count0", "temperature": "positive", "val_fraction": "below1"},
     "PRMModelConfig": {"hidden_size": "count", "num_layers": "count", "lora_rank": "count0"},
     "PRMTrainConfig": {"epochs": "count", "batch_size": "count", "learning_rate": "positive",
                        "weight_decay": "nonneg"},

@@ -24,6 +24,7 @@ bootstrapped from the fresh episode the restart began.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -133,6 +134,33 @@ def frozen_layer_cache(policy: VLAPolicy, cfg: PPOConfig) -> int | None:
     if not all(hasattr(dec, a) for a in ("layers", "rotary_emb", "norm")):
         raise ValueError(f"--ppo.cache-frozen-layers drives Llama-style decoders; {type(dec).__name__} is not one")
     return len(dec.layers) - cfg.train_layers
+
+
+def pipeline_halves(envs) -> list[np.ndarray]:
+    """The two halves of a pipelined rollout: with worker processes, the envs of one half of the workers and
+    those of the other, so that while the policy decodes for one half only the other half's workers step and
+    each side has cores of its own; in-process, the first and the second half of the envs."""
+    owner = getattr(envs, "env_workers", None)
+    n = envs.num_envs
+    if owner is not None and getattr(envs, "num_workers", 1) >= 2:
+        first = owner < envs.num_workers // 2
+        if first.any() and not first.all():
+            return [np.flatnonzero(first), np.flatnonzero(~first)]
+    return [np.arange(n // 2), np.arange(n // 2, n)]
+
+
+@contextlib.contextmanager
+def decode_threads(envs, device):
+    """On the CPU, a pipelined rollout decodes while half of the workers step: the policy takes the cores those
+    workers leave (at least one thread), not all of them."""
+    before = torch.get_num_threads()
+    workers = getattr(envs, "num_workers", 0)
+    if torch.device(device).type == "cpu" and workers:
+        torch.set_num_threads(max(1, before - (workers + 1) // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class PPOTrainer:
@@ -313,22 +341,23 @@ class PPOTrainer:
     def _collect_pipelined(self, stats: dict) -> None:
         """The rollout with the envs in two halves that alternate: while one half steps in the env workers, the
         policy decodes for the other (EnvPool's send/recv). Each env gets the actions the synchronous loop would
-        give it (the same ones when decoding is deterministic), and the halves are received in env order, so
-        the curriculum sees the episode ends in the synchronous loop's order."""
-        N, T = self.envs.num_envs, self.cfg.num_steps
-        halves = [np.arange(N // 2), np.arange(N // 2, N)]
+        give it (the same ones when decoding is deterministic); step t of the first half is received before step
+        t of the second."""
+        T = self.cfg.num_steps
+        halves = pipeline_halves(self.envs)
         self.obs = {k: np.array(v) for k, v in self.obs.items()}   # rows are replaced half by half
-        chosen = []
-        for h in halves:
-            actions, instructions = self._act(0, h)
-            self.envs.send(actions, h)
-            chosen.append(instructions)
-        for t in range(T):
-            for k, h in enumerate(halves):
-                self._observe(t, h, chosen[k], self.envs.recv_envs(h), stats)
-                if t + 1 < T:
-                    actions, chosen[k] = self._act(t + 1, h)
-                    self.envs.send(actions, h)
+        with decode_threads(self.envs, self.policy.device):
+            chosen = []
+            for h in halves:
+                actions, instructions = self._act(0, h)
+                self.envs.send(actions, h)
+                chosen.append(instructions)
+            for t in range(T):
+                for k, h in enumerate(halves):
+                    self._observe(t, h, chosen[k], self.envs.recv_envs(h), stats)
+                    if t + 1 < T:
+                        actions, chosen[k] = self._act(t + 1, h)
+                        self.envs.send(actions, h)
 
     @torch.no_grad()
     def collect_groups(self) -> dict:
