@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .config import PRESETS, TrainConfig, apply_presets
-from .validate import ConfigError, check_config
+from .validate import ConfigError, check_config, flag
 
 USAGE = """usage: vlarl-fast {train,sft,eval,prm,info} [options]
 
@@ -165,9 +165,8 @@ def resume_config(args: list[str], prog: str) -> TrainConfig:
     now = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))
     changed = sorted(k for k, v in _flat(saved).items() if now.get(k) != v and k not in RESUMABLE)
     if changed:
-        raise ConfigError(f"--resume {run_dir}: {', '.join('--' + k.replace('_', '-') for k in changed)} would "
-                          f"change the run already made; a resumed run may change only "
-                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-2])}")
+        raise ConfigError(f"--resume {run_dir}: {', '.join(map(flag, changed))} would change the run already "
+                          f"made; a resumed run may change only {', '.join(map(flag, RESUMABLE[:-2]))}")
     return cfg
 
 

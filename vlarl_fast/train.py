@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -220,7 +222,7 @@ def evaluate_start(policy, cfg: TrainConfig, tasks: list[str], logger, timings: 
         console.print(f"held-out layouts: success {100 * heldout_sft['success']:.1f}% over "
                       f"{heldout_sft['episodes']} episodes")
         logger.scalars("eval_heldout", {"success": heldout_sft["success"]}, 0)
-    return sft_eval, heldout_sft, None
+    return sft_eval, heldout_sft
 
 
 def build_rl(cfg: TrainConfig, policy, tasks: list[str], data, expert_data, bc_dtype, resumed, console) -> dict:
@@ -288,8 +290,6 @@ class _StopRequest:
         self._old = None
 
     def __enter__(self):
-        import signal
-        import threading
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -302,7 +302,6 @@ class _StopRequest:
 
     def __exit__(self, *exc):
         if self._old is not None:
-            import signal
             signal.signal(signal.SIGINT, self._old)
 
 
@@ -380,10 +379,11 @@ def train(cfg: TrainConfig) -> dict:
         raise SystemExit("error: --skip-sft needs a --policy.policy checkpoint that has action statistics "
                          "(dataset_statistics.json); the 'tiny' preset has none")
     if resumed is not None:
-        sft_eval, heldout_sft, heldout_rl = past["sft_eval"], past["heldout_sft"], None
+        sft_eval, heldout_sft = past["sft_eval"], past["heldout_sft"]
         console.print(f"resuming {out} at RL iteration {resumed['iteration']} ({resumed['global_step']} env steps)")
     else:
-        sft_eval, heldout_sft, heldout_rl = evaluate_start(policy, cfg, tasks, logger, timings, console)
+        sft_eval, heldout_sft = evaluate_start(policy, cfg, tasks, logger, timings, console)
+    heldout_rl = None
 
     rl_eval, env_steps, history = None, 0, list(past.get("history", []))
     if cfg.ppo.iterations > 0:

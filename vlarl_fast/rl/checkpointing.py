@@ -59,9 +59,9 @@ def capture(trainer, *, stage=None, recorder=None, curriculum=None, schedule=Non
     pol = trainer.policy
     return {
         "iteration": trainer.iteration, "global_step": trainer.global_step,
-        "model": {k: v.detach().cpu().clone() for k, v in pol.model.state_dict().items()},
-        "critic": None if pol.critic is None else {k: v.detach().cpu().clone()
-                                                   for k, v in pol.critic.state_dict().items()},
+        # saved at once (``save``), so the tensors need no copy of their own: a 7B model's weights are not doubled
+        "model": {k: v.detach().cpu() for k, v in pol.model.state_dict().items()},
+        "critic": None if pol.critic is None else {k: v.detach().cpu() for k, v in pol.critic.state_dict().items()},
         "norm_stats": pol.norm_stats,
         "optimizer": trainer.optimizer.state_dict(), "masters": trainer.masters.state_dict(),
         "generator": trainer.generator.get_state(), "rng": rng_states(),

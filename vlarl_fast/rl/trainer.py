@@ -373,17 +373,14 @@ class PPOTrainer:
         self.obs = {k: np.array(v) for k, v in self.obs.items()}   # rows are replaced env by env
         target, cap = cfg.num_steps * N, MAX_SAMPLE_FACTOR * cfg.num_steps * N
         ep_of = np.full(N, -1, dtype=np.int64)
-        group_of, returns, success, length, lost = [], [], [], [], []
+        returns, success, length, lost = [], [], [], []   # per episode; episode e belongs to group e // K
         members: dict[int, list[int]] = {}   # running group (slot group g) -> its episodes
         active = np.zeros(N, dtype=bool)
-        started = [0]                         # groups started in this rollout (their ids)
 
         def start(g: int) -> None:
-            episodes = list(range(len(group_of), len(group_of) + K))
+            episodes = list(range(len(returns), len(returns) + K))
             for _ in episodes:
-                group_of.append(started[0])
                 returns.append(0.0), success.append(False), length.append(0), lost.append(False)
-            started[0] += 1
             ep_of[g * K:(g + 1) * K] = episodes
             active[g * K:(g + 1) * K] = True
             members[g] = episodes
@@ -418,11 +415,10 @@ class PPOTrainer:
                     dropped.append(eps)
                 if kept_steps < target and steps < cap:
                     start(g)
-        self.episode_adv = np.zeros(len(group_of), dtype=np.float32)
-        learn = [e for eps in kept_groups for e in eps if not lost[e]]
-        if learn:
-            self.episode_adv[learn] = group_advantages(np.asarray(returns)[learn], np.asarray(group_of)[learn],
-                                                       cfg.algo)
+        self.episode_adv = np.zeros(len(returns), dtype=np.float32)
+        learn = np.asarray([e for eps in kept_groups for e in eps if not lost[e]], dtype=np.int64)
+        if len(learn):
+            self.episode_adv[learn] = group_advantages(np.asarray(returns)[learn], learn // K, cfg.algo)
         buf.drop_episodes([e for eps in dropped for e in eps] + [e for e in range(len(lost)) if lost[e]])
         stats.update(groups_kept=len(kept_groups), groups_dropped=len(dropped))
         return self._finish_stats(stats)
@@ -548,8 +544,6 @@ class PPOTrainer:
         if cfg.norm_adv and not cfg.norm_adv_per_task and not self.groups:
             mb_adv = normalize_advantages(mb_adv)
         new = logp.sum(-1)
-        if not torch.isfinite(new).all():
-            raise NonFiniteError("non-finite log-probs")
         targets = values.detach() if ret_flat is None else ret_flat[pos].to(dev)
         pg_loss, v_loss, kl, cf = ppo_losses(new, old_logp[pos].to(dev), mb_adv, values, targets,
                                              clip_low=cfg.clip_low, clip_high=cfg.clip_high)
@@ -582,8 +576,6 @@ class PPOTrainer:
             idx = rows[pos]
             logp, _, _ = self._score(data, idx, data["tokens"][idx].to(self.policy.device), False)
             out[torch.as_tensor(pos, device=out.device)] = logp.sum(-1).float()
-        if not torch.isfinite(out).all():
-            raise NonFiniteError("non-finite recomputed log-probs")
         return out
 
     def _score(self, data: dict, idx: np.ndarray, tokens: torch.Tensor, critic_only: bool):
