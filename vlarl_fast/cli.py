@@ -171,21 +171,19 @@ def resume_config(args: list[str], prog: str) -> TrainConfig:
 
 
 def cmd_train(args: list[str], prog="vlarl-fast train", sft_only: bool = False) -> int:
-    from .train import train
+    from .dist.launch import launch
     args = expand_aliases(args)
     if any(a == "--resume" or a.startswith("--resume=") for a in args):
         if sft_only:
             raise ConfigError("--resume continues an RL run: use `vlarl-fast train --resume RUN_DIR`")
-        train(resume_config(args, prog))
-        return 0
+        return launch(resume_config(args, prog))
     base = _base_config(TrainConfig, args, PRESETS)
     if sft_only:
         base.ppo.iterations = 0
     cfg = _parse(TrainConfig, args, prog, default=base)
     if sft_only:
         cfg.ppo.iterations = 0
-    train(cfg)
-    return 0
+    return launch(cfg)
 
 
 def eval_env(cfg: EvalCommand):
@@ -261,6 +259,16 @@ def cmd_info(args: list[str]) -> int:
     return 0
 
 
+def package_errors() -> tuple[type[Exception], ...]:
+    """The package's own errors: each says what to fix, so the CLI prints it in one line (exit code 2)."""
+    from .envs import RenderBackendError, UnknownTaskError
+    from .envs.libero.bootstrap import LiberoAssetsError, LiberoNotInstalledError
+    from .policy import CheckpointError
+    from .policy.precision import PrecisionError
+    return (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError,
+            PrecisionError, ConfigError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -276,14 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in handlers:
         print(f"error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from .envs import RenderBackendError, UnknownTaskError
-    from .envs.libero.bootstrap import LiberoAssetsError, LiberoNotInstalledError
-    from .policy import CheckpointError
-    from .policy.precision import PrecisionError
     try:
         return handlers[cmd](rest)
-    except (UnknownTaskError, CheckpointError, RenderBackendError, LiberoNotInstalledError, LiberoAssetsError,
-            PrecisionError, ConfigError) as e:
+    except package_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:

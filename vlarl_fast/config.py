@@ -324,6 +324,31 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    nproc: int = 1
+    """Data-parallel ranks (docs/distributed.md): each steps --env.num-envs / N of the envs with worker processes
+    of its own, on its own GPU with --device cuda; gradients are averaged over the ranks. Under torchrun the
+    launcher's world size is used instead."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend ('auto': NCCL with --device cuda, gloo on the CPU)."""
+    ray: str | None = None
+    """Run the ranks as Ray Train workers on the Ray cluster at this address ('auto': the one `ray start` made on
+    this node; 'local': start Ray inside this process)."""
+    gpus_per_worker: float = 0.0
+    """--dist.ray: GPUs each rank asks Ray for (0 with --device cpu; with --device cuda, 0 means 1)."""
+    cpus_per_worker: float = 1.0
+    """--dist.ray: CPUs each rank asks Ray for (its env worker processes run inside that share)."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """--dist.ray: how Ray places the ranks over the nodes (a placement group strategy)."""
+    pin_cores: bool = True
+    """Give each rank of this machine its own share of the CPU cores (its torch threads and env workers run
+    there): N ranks on C cores get C / N each."""
+    timeout_min: float = 60.0
+    """Minutes a rank waits for the others in a collective before the run fails (rank 0's SFT and checkpoint
+    writes happen while the others wait)."""
+
+
+@dataclass
 class TrainConfig:
     """SFT on scripted demos -> PPO (VLA-RL) alternating with iRe-VLA's supervised stage -> evaluation, on the
     built-in tabletop suite by default."""
@@ -361,6 +386,7 @@ class TrainConfig:
     ire: IReConfig = field(default_factory=IReConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     tensorboard: bool = True
     """Write TensorBoard event files to output_dir/tb."""
     progress: bool = True

@@ -199,6 +199,21 @@ def _attention(cuda: bool) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
+def _distributed(cuda: bool) -> str:
+    """What --dist.nproc and --dist.ray can use here."""
+    try:
+        import torch.distributed as dist
+        if not dist.is_available():
+            return "NOT usable: this torch build has no torch.distributed (runs stay in one process)"
+        backends = [b for b, ok in (("gloo", dist.is_gloo_available()), ("nccl", cuda and dist.is_nccl_available()))
+                    if ok]
+    except Exception as e:
+        return f"NOT usable: {e}"
+    ray = _version("ray")
+    return (f"torch.distributed ({', '.join(backends) or 'no backend'}); Ray "
+            + (f"{ray} (--dist.ray)" if ray else "not installed (optional, --dist.ray: the dist extra)"))
+
+
 def _bc_precision(cuda: bool) -> str:
     """What --sft.bc-autocast auto picks for the behaviour-cloning steps on this machine's CPU (and GPU)."""
     try:
@@ -242,6 +257,7 @@ def collect_info() -> dict:
         "triton": _triton(acc["cuda"]),
         "attention": _attention(acc["cuda"]),
         "bc_precision": _bc_precision(acc["cuda"]),
+        "distributed": _distributed(acc["cuda"]),
         "render": _render(),
         "suites": _suites(),
         "libero": _libero(),
@@ -293,6 +309,7 @@ def format_info(info: dict) -> str:
               f"  Triton        {info['triton']}",
               f"  attention     {info['attention']}",
               f"  BC precision  {info['bc_precision']}",
+              f"  distributed   {info['distributed']}",
               f"  rendering     {str(render.get('backend')) + ' (headless MuJoCo)' if render['works'] else 'NOT usable: ' + str(render['error'])}",
               *(f"                {d}" for d in render.get("devices", [])),
               "  task suites   " + ("error: " + suites["error"] if "error" in suites

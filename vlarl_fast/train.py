@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, env_options, resolve_env, vector_options
+from .dist.comm import SINGLE, Comm
 from .envs import VectorEnv, check_ready, get_task, list_tasks, make_training_env
 from .policy import NormStats, make_policy, save_policy
 from .policy.protocol import enable_gradient_checkpointing
@@ -85,20 +86,27 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
-def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str, split: str = "fixed"):
+def run_eval(policy, cfg: TrainConfig, tasks: list[str], label: str, split: str = "fixed", comm: Comm = SINGLE):
+    """Evaluate on ``tasks``; with several ranks each evaluates its share of the tasks (on its share of the
+    envs) and every rank gets the whole result."""
+    from .dist.shared import eval_share, merge_evals
     from .rl.evaluate import count_episodes, evaluate
     if split == "fixed":
         states, per_state = cfg.eval.init_states, cfg.eval.episodes_per_state
     else:
         # one episode on each held-out layout: more scenes say more about generalisation than repeats
         states, per_state, label = cfg.eval.heldout_episodes, 1, f"{label}, {split}"
-    n = count_episodes(tasks, states, per_state, split=split)
-    with _bar(n, f"eval ({label})", cfg.progress) as bar:
-        return evaluate(policy, tasks, init_states=states, episodes_per_state=per_state,
-                        num_envs=cfg.env.num_envs, image_size=cfg.env.image_size, seed=cfg.seed + 10_000,
-                        greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature, progress=bar,
-                        env_options=env_options(cfg.env), backend=cfg.env.backend, render_device=cfg.env.render_device,
-                        split=split)
+    mine = eval_share(tasks, comm)
+    result = None
+    if mine:
+        n = count_episodes(mine, states, per_state, split=split)
+        with _bar(n, f"eval ({label})", cfg.progress and comm.main) as bar:
+            result = evaluate(policy, mine, init_states=states, episodes_per_state=per_state,
+                              num_envs=max(1, cfg.env.num_envs // comm.world), image_size=cfg.env.image_size,
+                              seed=cfg.seed + 10_000, greedy=cfg.eval.greedy, temperature=cfg.ppo.temperature,
+                              progress=bar, env_options=env_options(cfg.env), backend=cfg.env.backend,
+                              render_device=cfg.env.render_device, split=split)
+    return merge_evals(comm.all_gather(result), tasks)
 
 
 def check_heldout_episodes(cfg: TrainConfig, tasks: list[str]) -> None:
@@ -121,14 +129,19 @@ def check_heldout_episodes(cfg: TrainConfig, tasks: list[str]) -> None:
                              "layouts; 0 skips the held-out evaluation)")
 
 
-def make_curriculum(ppo, tasks: list[str], seed: int):
-    """VLA-RL's curriculum over the layouts RL practises on: the fixed initial states, or the open stream."""
+def make_curriculum(ppo, tasks: list[str], seed: int, comm: Comm = SINGLE):
+    """VLA-RL's curriculum over the layouts RL practises on: the fixed initial states, or the open stream; with
+    several ranks, each rank's draws its own and the statistics every rank's."""
+    from .dist.shared import SharedCurriculum
     from .rl.curriculum import Curriculum, OpenCurriculum
     common = dict(temperature=ppo.curriculum_temperature, window=ppo.curriculum_window, floor=ppo.curriculum_floor,
-                  seed=seed)
+                  seed=seed + 7919 * comm.rank)
     if ppo.layouts == "open":
-        return OpenCurriculum(tasks, fresh=ppo.curriculum_fresh, pool=ppo.curriculum_pool, **common)
-    return Curriculum({t: get_task(t).num_init_states for t in tasks}, **common)
+        c = OpenCurriculum(tasks, fresh=ppo.curriculum_fresh, pool=ppo.curriculum_pool, stride=comm.world,
+                           offset=comm.rank, **common)
+    else:
+        c = Curriculum({t: get_task(t).num_init_states for t in tasks}, **common)
+    return c if comm.world == 1 else SharedCurriculum(c, comm)
 
 
 def resolve_layouts(cfg: TrainConfig, tasks: list[str]) -> str:
@@ -192,8 +205,8 @@ def _rng_untouched():
         np.random.set_state(state[1])
 
 
-def load_resume(cfg: TrainConfig) -> dict | None:
-    """--resume RUN_DIR: the newest RL checkpoint of the run, or None for a fresh run."""
+def load_resume(cfg: TrainConfig, comm: Comm = SINGLE) -> dict | None:
+    """--resume RUN_DIR: the newest RL checkpoint of the run (this rank's part of it), or None for a fresh run."""
     if cfg.resume is None:
         return None
     from .rl import checkpointing
@@ -201,14 +214,20 @@ def load_resume(cfg: TrainConfig) -> dict | None:
     if path is None:
         raise ConfigError(f"--resume {cfg.resume}: no RL checkpoint in {Path(cfg.resume) / 'checkpoints'} (rl-NNNNN "
                           "folders appear every --checkpoint-every iterations and on Ctrl-C); start the run again")
-    return checkpointing.load(path)
+    return checkpointing.load(path, comm)
 
 
-def evaluate_start(policy, cfg: TrainConfig, tasks: list[str], logger, timings: dict, console):
+def resumed_env_steps(resumed: dict) -> int:
+    """Env steps of every rank when the checkpoint was taken (the TensorBoard step a resumed run goes on from)."""
+    history = resumed["extra"].get("history") or []
+    return int(history[-1]["env_steps"]) if history else int(resumed["global_step"])
+
+
+def evaluate_start(policy, cfg: TrainConfig, tasks: list[str], logger, timings: dict, console, comm: Comm = SINGLE):
     """The policy RL starts from, on the fixed initial states and (tabletop) the held-out layouts."""
     label = "after SFT" if not cfg.skip_sft else "start"
     t0 = time.perf_counter()
-    sft_eval = run_eval(policy, cfg, tasks, label)
+    sft_eval = run_eval(policy, cfg, tasks, label, comm=comm)
     timings["eval_sft_s"] = time.perf_counter() - t0
     console.print(f"{'after SFT' if not cfg.skip_sft else 'start policy'}: success {100 * sft_eval['success']:.1f}% "
                   f"over {sft_eval['episodes']} episodes")
@@ -217,7 +236,7 @@ def evaluate_start(policy, cfg: TrainConfig, tasks: list[str], logger, timings: 
     if cfg.eval.heldout_episodes:
         t0 = time.perf_counter()
         with _rng_untouched():
-            heldout_sft = run_eval(policy, cfg, tasks, label, "heldout")
+            heldout_sft = run_eval(policy, cfg, tasks, label, "heldout", comm)
         timings["eval_heldout_sft_s"] = time.perf_counter() - t0
         console.print(f"held-out layouts: success {100 * heldout_sft['success']:.1f}% over "
                       f"{heldout_sft['episodes']} episodes")
@@ -225,22 +244,27 @@ def evaluate_start(policy, cfg: TrainConfig, tasks: list[str], logger, timings: 
     return sft_eval, heldout_sft
 
 
-def build_rl(cfg: TrainConfig, policy, tasks: list[str], data, expert_data, bc_dtype, resumed, console) -> dict:
+def build_rl(cfg: TrainConfig, policy, tasks: list[str], data, expert_data, bc_dtype, resumed, console,
+             comm: Comm = SINGLE) -> dict:
     """The pieces RL runs with: envs (their slots' tasks; groups of K consecutive slots for the group
-    algorithms), the curriculum, the group schedule, and iRe-VLA's episode buffer and supervised stage."""
+    algorithms; with several ranks, this rank's block of the slots), the curriculum, the group schedule, and
+    iRe-VLA's episode buffer and (on rank 0, which runs it) supervised stage."""
+    from .dist.shared import rank_slots
     from .rl.groups import GROUP_ALGOS, GroupSchedule, group_slot_tasks
     from .rl.ire import SupervisedStage
     from .rl.online_data import SuccessfulEpisodes
     grouped = cfg.ppo.algo in GROUP_ALGOS
     slot_task = group_slot_tasks(tasks, cfg.env.num_envs, cfg.ppo.group_size) if grouped else \
         [tasks[i % len(tasks)] for i in range(cfg.env.num_envs)]
+    mine = rank_slots(cfg.env.num_envs, comm)
+    first, slot_task = mine.start, slot_task[mine]
     split = {} if cfg.ppo.layouts == "fixed" else {"split": cfg.ppo.layouts}   # LIBERO's envs take no split
     fns = [(lambda t=t, i=i: make_training_env(t, image_size=cfg.env.image_size, reward=cfg.env.reward,
-                                               seed=cfg.seed * 1000 + i, **split, **env_options(cfg.env)))
+                                               seed=cfg.seed * 1000 + first + i, **split, **env_options(cfg.env)))
            for i, t in enumerate(slot_task)]
     curriculum = None
     if cfg.ppo.curriculum:
-        curriculum = make_curriculum(cfg.ppo, tasks, cfg.seed)
+        curriculum = make_curriculum(cfg.ppo, tasks, cfg.seed, comm)
         if cfg.skip_sft and resumed is None and Path(cfg.policy.policy).is_dir():
             try:
                 restored = curriculum.load(cfg.policy.policy)   # keep what was learnt about each pair
@@ -250,9 +274,10 @@ def build_rl(cfg: TrainConfig, policy, tasks: list[str], data, expert_data, bc_d
                 console.print(f"curriculum: statistics of {len(restored)} tasks restored from {cfg.policy.policy}")
     recorder = stage = None
     if cfg.ire.every > 0:
+        recorder = SuccessfulEpisodes(len(slot_task), cfg.ire.capacity)
+    if cfg.ire.every > 0 and comm.main:
         if data is None and cfg.env.benchmark == "tabletop":
             _, data = expert_data()   # the same demonstrations SFT saw (same seed)
-        recorder = SuccessfulEpisodes(cfg.env.num_envs, cfg.ire.capacity)
         stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
                                 learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
                                 weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
@@ -305,14 +330,19 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
+    """The whole run; ``comm``: this rank of a data-parallel run (dist/launch.py starts the ranks), of which
+    rank 0 alone runs SFT and the supervised stages, prints and writes the run's files."""
     from rich.console import Console
 
+    from .dist.shared import gather_successes, merge_iteration
     from .envs.tabletop.expert import collect_demos
     from .policy.precision import resolve_bc_autocast
     from .rl.sft import demos_to_arrays, sft_train
 
-    console = Console()
+    console = Console(quiet=not comm.main)
+    if not comm.main:
+        cfg.progress, cfg.tensorboard = False, False
     t_start = time.perf_counter()
     start_run(cfg)
     if cfg.env.benchmark != "tabletop" and not cfg.skip_sft:
@@ -329,8 +359,9 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"--ppo.train-layers {cfg.ppo.train_layers} exceeds the tiny VLA's "
                           f"--policy.num-layers {cfg.policy.num_layers}: lower it (0 trains every layer)")
     reward_model = load_reward_model(cfg)
-    resumed = load_resume(cfg)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    resumed = load_resume(cfg, comm)
+    if comm.main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     instructions = [get_task(t).instruction for t in tasks]
     policy = make_policy(cfg.policy.policy, instructions=instructions, image_size=cfg.env.image_size, seed=cfg.seed,
                          device=cfg.device, hidden_size=cfg.policy.hidden_size, num_layers=cfg.policy.num_layers,
@@ -346,8 +377,8 @@ def train(cfg: TrainConfig) -> dict:
         # LIBERO's controller takes normalised deltas in [-1, 1]: a fresh policy acts in that space directly
         policy.norm_stats = NormStats.identity()
         console.print("note: the policy has no action statistics; it acts in LIBERO's normalised [-1, 1] space")
-    logger = _Logger(out, cfg.tensorboard, purge_step=None if resumed is None else resumed["global_step"])
-    summary: dict = {"tasks": tasks, "seed": cfg.seed,
+    logger = _Logger(out, cfg.tensorboard, purge_step=None if resumed is None else resumed_env_steps(resumed))
+    summary: dict = {"tasks": tasks, "seed": cfg.seed, "world_size": comm.world,
                      "bc_dtype": str(bc_dtype or torch.float32).removeprefix("torch.")}
     past = {} if resumed is None else resumed["extra"]
     timings: dict[str, float] = dict(past.get("timings", {}))
@@ -361,7 +392,7 @@ def train(cfg: TrainConfig) -> dict:
         return episodes, demos_to_arrays(episodes)
 
     data = None
-    if not cfg.skip_sft and resumed is None:
+    if not cfg.skip_sft and resumed is None and comm.main:
         t0 = time.perf_counter()
         episodes, data = expert_data()
         steps = cfg.sft.epochs * math.ceil(len(data["actions"]) / cfg.sft.batch_size)
@@ -375,6 +406,10 @@ def train(cfg: TrainConfig) -> dict:
         console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "
                       f"{losses[-1]:.3f} ({timings['sft_s']:.0f} s)")
         save_policy(policy, out / "checkpoints" / "sft", extra={"stage": "sft"})
+    if not cfg.skip_sft and resumed is None and comm.world > 1:
+        # the other ranks wait here for rank 0's fine-tuned weights (--dist.timeout-min)
+        comm.broadcast_module(policy.model)
+        policy.norm_stats = comm.broadcast(policy.norm_stats)
     elif resumed is None and policy.norm_stats is None:
         raise SystemExit("error: --skip-sft needs a --policy.policy checkpoint that has action statistics "
                          "(dataset_statistics.json); the 'tiny' preset has none")
@@ -382,7 +417,7 @@ def train(cfg: TrainConfig) -> dict:
         sft_eval, heldout_sft = past["sft_eval"], past["heldout_sft"]
         console.print(f"resuming {out} at RL iteration {resumed['iteration']} ({resumed['global_step']} env steps)")
     else:
-        sft_eval, heldout_sft = evaluate_start(policy, cfg, tasks, logger, timings, console)
+        sft_eval, heldout_sft = evaluate_start(policy, cfg, tasks, logger, timings, console, comm)
     heldout_rl = None
 
     rl_eval, env_steps, history = None, 0, list(past.get("history", []))
@@ -390,7 +425,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 2. RL ------------------------------------------------------------------------------
         from .rl.trainer import PPOTrainer
         t0 = time.perf_counter()
-        parts = build_rl(cfg, policy, tasks, data, expert_data, bc_dtype, resumed, console)
+        parts = build_rl(cfg, policy, tasks, data, expert_data, bc_dtype, resumed, console, comm)
         envs, curriculum, schedule, recorder, stage = (parts[k] for k in ("envs", "curriculum", "schedule",
                                                                           "recorder", "stage"))
         shaping = None
@@ -401,7 +436,7 @@ def train(cfg: TrainConfig) -> dict:
         budget = cfg.ppo.iterations * cfg.ppo.num_steps * cfg.env.num_envs   # env steps, the same for every algo
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
-                                 shaping=shaping)
+                                 shaping=shaping, comm=comm)
             if resumed is not None:
                 from .rl import checkpointing
                 checkpointing.restore(resumed, trainer, stage=stage, recorder=recorder, curriculum=curriculum,
@@ -413,37 +448,48 @@ def train(cfg: TrainConfig) -> dict:
                          "wall_time_s": past.get("wall_time_s", 0.0) + time.perf_counter() - t_start}
                 state = checkpointing.capture(trainer, stage=stage, recorder=recorder, curriculum=curriculum,
                                               schedule=schedule, extra=extra)
-                return checkpointing.save(out, state, cfg.checkpoint_keep)
+                return checkpointing.save(out, state, cfg.checkpoint_keep, comm)
 
             with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar, _StopRequest(console) as stop:
                 bar.update(trainer.iteration)
-                while trainer.iteration < cfg.ppo.iterations and trainer.global_step < budget:
+                env_steps = comm.sum([trainer.global_step])[0]   # every rank's
+                while trainer.iteration < cfg.ppo.iterations and env_steps < budget:
                     st = trainer.train_iteration()
-                    row = dataclasses.asdict(st)
+                    if comm.world > 1 and curriculum is not None:
+                        curriculum.sync()
+                    row = merge_iteration(comm.all_gather(dataclasses.asdict(st)))
+                    st = type(st)(**row)
+                    env_steps = row["env_steps"]
                     history.append(row)
                     logger.scalars("ppo", row, st.env_steps)
                     if curriculum is not None:
                         logger.scalars("curriculum", curriculum.summary(), st.env_steps)
                     bar.update(1)
                     bar.set_postfix(success=f"{st.success:.2f}", kl=f"{st.approx_kl:.3f}")
-                    bar.write(iteration_line(st, shaping is not None, grouped, cfg.ppo.kl_coef > 0))
-                    if stage is not None and st.iteration % cfg.ire.every == 0:
+                    if comm.main:
+                        bar.write(iteration_line(st, shaping is not None, grouped, cfg.ppo.kl_coef > 0))
+                    if recorder is not None and st.iteration % cfg.ire.every == 0:
                         t1 = time.perf_counter()
-                        res = stage.run(recorder.arrays())
+                        gather_successes(recorder, comm)   # the buffer is rank 0's, and so is the stage
+                        res = stage.run(recorder.arrays()) if comm.main else None
+                        comm.broadcast_module(policy.model)   # the stage's weights to every rank
                         dt = time.perf_counter() - t1
                         timings["ire_s"] = timings.get("ire_s", 0.0) + dt
-                        logger.scalars("ire", {"loss": res["loss"], "online_steps": res["online_steps"],
-                                               "episodes_kept": recorder.kept}, st.env_steps)
-                        bar.write(f"iRe-VLA supervised stage {stage.stages}: {res['steps']} steps on "
-                                  f"{res['online_steps']} online steps ({len(recorder.episodes)} successful "
-                                  f"episodes) + demonstrations | loss {res['loss']:.3f} | {dt:.0f} s")
-                    done = trainer.iteration >= cfg.ppo.iterations or trainer.global_step >= budget
-                    if stop.requested and not done:
+                        if comm.main:
+                            logger.scalars("ire", {"loss": res["loss"], "online_steps": res["online_steps"],
+                                                   "episodes_kept": recorder.kept}, st.env_steps)
+                            bar.write(f"iRe-VLA supervised stage {stage.stages}: {res['steps']} steps on "
+                                      f"{res['online_steps']} online steps ({len(recorder.episodes)} successful "
+                                      f"episodes) + demonstrations | loss {res['loss']:.3f} | {dt:.0f} s")
+                    done = trainer.iteration >= cfg.ppo.iterations or env_steps >= budget
+                    if comm.any(stop.requested) and not done:
                         path = checkpoint()
-                        (out / "history.json").write_text(json.dumps(history, indent=2))
+                        if comm.main:
+                            (out / "history.json").write_text(json.dumps(history, indent=2))
                         logger.close()
                         console.print(f"stopped after RL iteration {trainer.iteration}; checkpoint {path}\n"
                                       f"resume with: vlarl-fast train --resume {out}", soft_wrap=True)
+                        comm.barrier()   # no rank leaves before rank 0 has written and printed
                         raise SystemExit(130)
                     if cfg.checkpoint_every and (trainer.iteration % cfg.checkpoint_every == 0 or done):
                         checkpoint()   # at the end too: --resume with more --ppo.iterations extends the run
@@ -453,29 +499,31 @@ def train(cfg: TrainConfig) -> dict:
         if shaping is not None:
             timings["prm_s"] = shaping.seconds
             summary["prm_ms_per_step"] = 1000 * shaping.seconds / max(1, shaping.steps)
-        final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
-                                                                           "iterations": trainer.iteration})
-        if curriculum is not None:
-            curriculum.save(final)
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+        if comm.main:
+            final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
+                                                                               "iterations": trainer.iteration})
+            if curriculum is not None:
+                curriculum.save(final)
+            (out / "history.json").write_text(json.dumps(history, indent=2))
 
         # ---- 3. evaluation ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        rl_eval = run_eval(policy, cfg, tasks, "after RL")
+        rl_eval = run_eval(policy, cfg, tasks, "after RL", comm=comm)
         timings["eval_rl_s"] = time.perf_counter() - t0
-        env_steps = trainer.global_step
+        env_steps = int(env_steps)
         logger.scalars("eval", {"success": rl_eval["success"]}, env_steps)
         evals = ([(0, sft_eval["success"], "eval before RL")] if sft_eval else []) + \
             [(env_steps, rl_eval["success"], "eval after RL")]
         if heldout_sft is not None:
             t0 = time.perf_counter()
-            heldout_rl = run_eval(policy, cfg, tasks, "after RL", "heldout")
+            heldout_rl = run_eval(policy, cfg, tasks, "after RL", "heldout", comm)
             timings["eval_heldout_rl_s"] = time.perf_counter() - t0
             logger.scalars("eval_heldout", {"success": heldout_rl["success"]}, env_steps)
             evals += [(0, heldout_sft["success"], "held-out eval before RL"),
                       (env_steps, heldout_rl["success"], "held-out eval after RL")]
-        plot_success(history, evals, out / "success.png")
-    if rl_eval is None:
+        if comm.main:
+            plot_success(history, evals, out / "success.png")
+    if rl_eval is None and comm.main:
         save_policy(policy, out / "checkpoints" / "final", extra={"stage": "sft"})
     console.print(success_table(sft_eval, rl_eval, heldout=(heldout_sft, heldout_rl),
                                 title="Success per task: fixed initial states and held-out layouts"
@@ -508,7 +556,8 @@ def train(cfg: TrainConfig) -> dict:
         # the reward model's share of the whole run's time
         "prm_share": None if "prm_s" not in timings else timings["prm_s"] / wall,
     })
-    write_json_atomic(out / "summary.json", summary)
+    if comm.main:
+        write_json_atomic(out / "summary.json", summary)
     logger.close()
     console.print(f"wrote {out / 'summary.json'}{', ' + str(out / 'success.png') if history else ''}, "
                   f"checkpoints in {out / 'checkpoints'} ({summary['wall_time_s']:.0f} s)")

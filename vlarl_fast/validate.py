@@ -47,6 +47,8 @@ RULES: dict[str, dict[str, str]] = {
                   "group_size": "count"},
     "IReConfig": {"every": "count0", "steps": "count0", "batch_size": "count", "learning_rate": "positive",
                   "online_fraction": "prob", "capacity": "count"},
+    "DistConfig": {"nproc": "count", "gpus_per_worker": "nonneg", "cpus_per_worker": "positive",
+                   "timeout_min": "positive"},
     "RewardConfig": {"prm_coef": "nonneg", "prm_batch_size": "count"},
     "EvalConfig": {"episodes_per_state": "count", "init_states": "count0", "heldout_episodes": "count0"},
     "TrainConfig": {"seed": "count0", "threads": "count0", "checkpoint_every": "count0", "checkpoint_keep": "count"},

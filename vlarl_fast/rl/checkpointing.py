@@ -9,7 +9,9 @@ the actions taken since, and a resumed run rebuilds it by resetting to that stat
 (the simulator is deterministic), so worker processes, renderers and GPUs need no saving.
 
 Layout: ``RUN_DIR/checkpoints/rl-NNNNN/state.pt`` (NNNNN the iteration), written atomically; the newest
-``--checkpoint-keep`` are kept.
+``--checkpoint-keep`` are kept. A data-parallel run's ranks each write their own part (rank r > 0:
+``state.rank<r>.pt``: its envs, RNGs, curriculum draws and episode buffer) into the same folder, which appears
+once every part is written; such a checkpoint resumes with the same number of ranks.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..dist.comm import SINGLE, Comm
 from ..policy.atomic_dir import atomic_directory
+from ..validate import ConfigError
 
 PATTERN = re.compile(r"^rl-(\d{5,})$")
 STATE = "state.pt"
@@ -76,18 +80,43 @@ def capture(trainer, *, stage=None, recorder=None, curriculum=None, schedule=Non
     }
 
 
-def save(run_dir: str | Path, state: dict, keep: int) -> Path:
+def state_file(rank: int) -> str:
+    return STATE if rank == 0 else f"state.rank{rank}.pt"
+
+
+def save(run_dir: str | Path, state: dict, keep: int, comm: Comm = SINGLE) -> Path:
     path = Path(run_dir) / "checkpoints" / f"rl-{state['iteration']:05d}"
-    with atomic_directory(path) as tmp:
-        torch.save(state, tmp / STATE)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    state = {**state, "world_size": comm.world}
+    if comm.world == 1:
+        with atomic_directory(path) as tmp:
+            torch.save(state, tmp / STATE)
+    else:
+        # rank 0 makes the folder and publishes it once every rank has written its part
+        publish = atomic_directory(path) if comm.main else None
+        tmp = comm.broadcast(str(publish.__enter__()) if comm.main else None)
+        torch.save(state, Path(tmp) / state_file(comm.rank))
+        comm.barrier()
+        if comm.main:
+            publish.__exit__(None, None, None)
+        comm.barrier()
+    if comm.main:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load(path: str | Path) -> dict:
+def load(path: str | Path, comm: Comm = SINGLE) -> dict:
+    file = Path(path) / state_file(comm.rank)
+    if not file.is_file():
+        raise ConfigError(f"{path} holds no part for rank {comm.rank}: it was saved by fewer ranks; resume with the "
+                         "--dist.nproc the run was started with")
     # our own file, holding numpy and python objects besides tensors
-    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=False)
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    saved = state.get("world_size", 1)
+    if saved != comm.world:
+        raise ConfigError(f"{path} was saved by {saved} ranks; resume it with --dist.nproc {saved} (this run has "
+                         f"{comm.world})")
+    return state
 
 
 def restore(state: dict, trainer, *, stage=None, recorder=None, curriculum=None, schedule=None) -> None:

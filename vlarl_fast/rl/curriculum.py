@@ -77,9 +77,16 @@ class Curriculum:
         p = self.probabilities(task)
         return int(self.rng.choice(len(p), p=p))
 
-    def update(self, task: str, init_state: int, success: bool) -> None:
+    def update(self, task: str, init_state: int, success: bool) -> bool:
+        """Count an episode's outcome; False (and nothing counted) for an episode that did not start from a
+        curriculum pair (e.g. the very first reset)."""
         if task not in self.outcomes or not 0 <= init_state < len(self.outcomes[task]):
-            return  # an episode that did not start from a curriculum pair (e.g. the very first reset)
+            return False
+        self.record(task, init_state, success)
+        return True
+
+    def record(self, task: str, init_state: int, success: bool) -> None:
+        """Count an outcome ``update`` accepted (here or on another rank)."""
         self.outcomes[task][init_state].append(int(bool(success)))
         self.visits[task][init_state] += 1
 
@@ -140,7 +147,9 @@ class OpenCurriculum:
     kind = "open"
 
     def __init__(self, tasks: list[str], *, fresh: float = 0.5, pool: int = 256, temperature: float = 0.1,
-                 window: int = 8, floor: float = 0.2, seed: int = 0):
+                 window: int = 8, floor: float = 0.2, seed: int = 0, stride: int = 1, offset: int = 0):
+        """``stride``, ``offset``: fresh layouts are offset, offset + stride, ...: the ranks of a data-parallel
+        run (offset = rank, stride = world) never hand out the same fresh layout."""
         _check(temperature, window, floor)
         if not 0 < fresh <= 1:
             raise ValueError(f"curriculum fresh share must be in (0, 1]; got {fresh}")
@@ -148,7 +157,8 @@ class OpenCurriculum:
             raise ValueError(f"curriculum pool must be >= 1; got {pool}")
         self.fresh, self.pool_size = fresh, pool
         self.temperature, self.window, self.floor = temperature, window, floor
-        self.next_fresh = {t: 0 for t in tasks}
+        self.stride, self.offset = stride, offset
+        self.next_fresh = {t: offset for t in tasks}
         self.pool: dict[str, dict[int, deque]] = {t: {} for t in tasks}   # insertion order: oldest first
         self.rng = np.random.default_rng(seed)
 
@@ -160,15 +170,25 @@ class OpenCurriculum:
         pool = self.pool[task]
         if not pool or self.rng.random() < self.fresh:
             k = self.next_fresh[task]
-            self.next_fresh[task] = k + 1
+            self.next_fresh[task] = k + self.stride
             return k
         p = replay_probabilities(self.success(task), self.temperature, self.floor)
         return list(pool)[int(self.rng.choice(len(p), p=p))]
 
-    def update(self, task: str, init_state: int, success: bool) -> None:
-        pool = self.pool.get(task)
-        if pool is None or not 0 <= init_state < self.next_fresh[task]:
-            return  # not a layout this curriculum handed out (e.g. the very first reset)
+    def update(self, task: str, init_state: int, success: bool) -> bool:
+        """Count an episode's outcome; False (and nothing counted) for a layout this curriculum did not hand out
+        (e.g. the very first reset)."""
+        if task not in self.pool:
+            return False
+        ours = self.offset <= init_state < self.next_fresh[task] and (init_state - self.offset) % self.stride == 0
+        if not ours and init_state not in self.pool[task]:   # the pool also holds other ranks' layouts
+            return False
+        self.record(task, init_state, success)
+        return True
+
+    def record(self, task: str, init_state: int, success: bool) -> None:
+        """Count an outcome ``update`` accepted (here or on another rank)."""
+        pool = self.pool[task]
         if init_state not in pool:
             if len(pool) >= self.pool_size:
                 # the layout that teaches least leaves: lowest replay weight, the oldest among equals
@@ -183,7 +203,8 @@ class OpenCurriculum:
 
     def summary(self) -> dict:
         """Scalars for the log: mean success over the pools, layouts drawn fresh, pool fill."""
-        return {"mean_success": self.mean_success(), "fresh_layouts": float(sum(self.next_fresh.values())),
+        return {"mean_success": self.mean_success(), "fresh_layouts": float(sum((k - self.offset) // self.stride
+                                                                              for k in self.next_fresh.values())),
                 "pool_fill": float(np.mean([len(p) / self.pool_size for p in self.pool.values()]))}
 
     def state_dict(self) -> dict:
@@ -202,7 +223,8 @@ class OpenCurriculum:
             if t not in self.pool:
                 continue
             self.pool[t] = {int(k): deque((int(x) for x in o), maxlen=self.window) for k, o in items[-self.pool_size:]}
-            self.next_fresh[t] = int(state["next_fresh"][t])
+            k = int(state["next_fresh"][t])
+            self.next_fresh[t] = k + (self.offset - k) % self.stride   # this rank's next fresh layout from there
             restored.append(t)
         return restored
 

@@ -64,7 +64,7 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
              progress=None, episodes_per_task: int | None = None, env_options: dict | None = None,
              record: int = 0, backend: str = "inprocess", render_device: str = "auto", split: str = "fixed") -> dict:
     """Returns {"per_task": {task: success rate}, "success": mean over episodes, "episodes": n, "env_steps": n,
-    "per_state": {task: [success rate per initial state]}, "split": split}, plus "videos": {task:
+    "per_state": {task: [success rate per initial state]}, "split": split, "episodes_per_task": {task: n}}, plus "videos": {task:
     [{"init_state", "success", "frames" [T, H, W, 3], "states" [T, D], "actions" [T, 7]}]} for the first
     ``record`` episodes of each task."""
     n_states = states_per_task(tasks, init_states, split)
@@ -143,7 +143,7 @@ def evaluate(policy: VLAPolicy, tasks: list[str], *, init_states: int, episodes_
     # a state no episode was dealt to (episodes_per_task below the number of states) has no rate
     per_state = {t: [float(np.mean(v)) if v else None for v in rows] for t, rows in by_state.items()}
     out = {"per_task": per_task, "success": succ, "episodes": n, "env_steps": env_steps, "per_state": per_state,
-           "split": split}
+           "split": split, "episodes_per_task": {t: len(v) for t, v in results.items()}}
     if record:
         out["videos"] = videos
     return out

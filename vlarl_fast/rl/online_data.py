@@ -39,10 +39,14 @@ class SuccessfulEpisodes:
         steps, self._open[slot] = self._open[slot], []
         if not success or not steps:
             return
-        self.episodes.append({
+        self.add({
             "images": np.stack([s[0] for s in steps]), "states": np.stack([s[1] for s in steps]).astype(np.float32),
             "tokens": np.stack([s[2] for s in steps]).astype(np.int64), "instruction": steps[0][3]})
-        self.steps += len(steps)
+
+    def add(self, episode: dict) -> None:
+        """Keep a finished successful episode (this rank's, or another rank's in a data-parallel run)."""
+        self.episodes.append(episode)
+        self.steps += len(episode["tokens"])
         self.kept += 1
         while self.steps > self.capacity_steps and len(self.episodes) > 1:
             self.steps -= len(self.episodes.popleft()["tokens"])

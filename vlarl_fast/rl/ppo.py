@@ -44,14 +44,33 @@ def normalize_advantages(adv: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (adv - adv.mean()) / (adv.std() + eps)
 
 
-def normalize_advantages_grouped(adv: torch.Tensor, groups: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def normalize_advantages_grouped(adv: torch.Tensor, groups: torch.Tensor, eps: float = 1e-8,
+                                 reduce_sum=None, num_groups: int | None = None) -> torch.Tensor:
     """Normalise within each group (e.g. each task) so that tasks with large rewards or long
-    episodes do not drown the others' signal in a shared minibatch."""
+    episodes do not drown the others' signal in a shared minibatch. ``reduce_sum`` (with ``num_groups``, groups
+    numbered below it): each group's count, sum and sum of squares are summed by it over the ranks of a
+    data-parallel run first, so every rank normalises with the statistics of the whole batch."""
+    if reduce_sum is not None:
+        return _normalize_grouped_reduced(adv, groups, eps, reduce_sum, num_groups)
     out = torch.empty_like(adv)
     for g in torch.unique(groups):
         sel = groups == g
         out[sel] = normalize_advantages(adv[sel], eps)
     return out
+
+
+def _normalize_grouped_reduced(adv, groups, eps, reduce_sum, num_groups: int) -> torch.Tensor:
+    x = adv.double()
+    n = torch.bincount(groups, minlength=num_groups).double()
+    total = torch.zeros(num_groups, dtype=torch.float64, device=adv.device).index_add_(0, groups, x)
+    squares = torch.zeros_like(total).index_add_(0, groups, x * x)
+    n, total, squares = torch.as_tensor(reduce_sum(torch.cat([n, total, squares]).cpu().numpy()),
+                                         device=adv.device).split(num_groups)
+    mean = total / n.clamp(min=1)
+    std = ((squares - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1)).sqrt()   # unbiased, as torch.std
+    # a group of one (over every rank) stays as it is, as normalize_advantages leaves it
+    out = torch.where(n[groups] >= 2, (x - mean[groups]) / (std[groups] + eps), x)
+    return out.to(adv.dtype)
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:

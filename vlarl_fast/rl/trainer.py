@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..config import PPOConfig
+from ..dist.comm import SINGLE, Comm
 from ..envs import VectorEnv
 from ..kernels import NonFiniteError, gae
 from ..policy import VLAPolicy
@@ -163,13 +164,31 @@ def decode_threads(envs, device):
         torch.set_num_threads(before)
 
 
+class _Scorer(torch.nn.Module):
+    """The update's forward as one module, so that DistributedDataParallel can wrap it: its parameters are the
+    policy's and the critic's, its forward ``PPOTrainer._score``."""
+
+    def __init__(self, trainer: PPOTrainer):
+        super().__init__()
+        self.model = trainer.policy.model
+        if trainer.policy.critic is not None:
+            self.critic = trainer.policy.critic
+        object.__setattr__(self, "_score", trainer._score)   # a method, not a submodule
+
+    def forward(self, data, idx, tokens, critic_only):
+        return self._score(data, idx, tokens, critic_only)
+
+
 class PPOTrainer:
-    """PPO (VLA-RL's), GRPO or RLOO over a vector env, by ``cfg.algo``."""
+    """PPO (VLA-RL's), GRPO or RLOO over a vector env, by ``cfg.algo``. ``comm``: this rank of a data-parallel
+    run (docs/distributed.md): ``envs`` are its share, gradients are averaged over the ranks by
+    DistributedDataParallel, advantages are normalised over every rank's batch, and every decision to skip or stop
+    is taken by all ranks together."""
 
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
                  curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None,
-                 shaping: PRMShaping | None = None):
-        self.policy, self.envs, self.cfg = policy, envs, cfg
+                 shaping: PRMShaping | None = None, comm: Comm = SINGLE):
+        self.policy, self.envs, self.cfg, self.comm = policy, envs, cfg, comm
         self.groups = cfg.algo in GROUP_ALGOS
         if self.groups and cfg.cache_frozen_layers:
             raise ValueError(f"--algo {cfg.algo} steps only the envs whose group still runs, which the frozen-layer "
@@ -196,11 +215,11 @@ class PPOTrainer:
         check_float32_optimizer(self.optimizer)
         self.recompute_logprobs = resolve_recompute_logprobs(cfg.recompute_logprobs, model)
         self.reference = ReferencePolicy(policy) if cfg.kl_coef > 0 else None
-        self.generator = torch.Generator(device=policy.device).manual_seed(seed)
+        self.generator = torch.Generator(device=policy.device).manual_seed(seed + 1_000_003 * comm.rank)
         # GAE reads the buffer's rewards, values and flags where they live: on the policy's device
         self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, device=policy.device)
         self.first_layer = frozen_layer_cache(policy, cfg)
-        self.obs, _ = envs.reset(seed=seed)
+        self.obs, _ = envs.reset(seed=seed + comm.rank * envs.num_envs)   # env i of the run: seed + i
         if shaping is not None:
             shaping.reset(self.obs, envs.instructions)
         self.episode_adv = np.zeros(0, dtype=np.float32)   # group algorithms: advantage of each rollout episode
@@ -208,7 +227,14 @@ class PPOTrainer:
         # each env's actions since its episode began: with its initial state, what a resumed run replays
         self._actions: list[list[np.ndarray]] = [[] for _ in range(envs.num_envs)]
         self.iteration = 0
-        self.global_step = 0
+        self.global_step = 0   # this rank's env steps
+        self.score = self._score
+        if comm.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            # unused parameters: the critic warm-up's updates leave the policy's out
+            self.score = DistributedDataParallel(_Scorer(self), find_unused_parameters=True)
+            names = sorted(set(x for r in comm.all_gather(list(envs.instructions)) for x in r))
+            self.task_index = {s: i for i, s in enumerate(names)}   # the same on every rank
 
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -440,15 +466,20 @@ class PPOTrainer:
         adv, ret = advantages.reshape(-1)[d], returns.reshape(-1)[d]
         if cfg.norm_adv_per_task:
             instructions = [data["instructions"][i] for i in rows.tolist()]
-            names = {s: i for i, s in enumerate(sorted(set(instructions)))}
-            adv = normalize_advantages_grouped(adv, torch.tensor([names[s] for s in instructions], device=adv.device))
+            if self.comm.world == 1:
+                names = {s: i for i, s in enumerate(sorted(set(instructions)))}
+                adv = normalize_advantages_grouped(adv, torch.tensor([names[s] for s in instructions],
+                                                                     device=adv.device))
+            else:   # each task's statistics over every rank's batch
+                groups = torch.tensor([self.task_index[s] for s in instructions], dtype=torch.long, device=adv.device)
+                adv = normalize_advantages_grouped(adv, groups, reduce_sum=self.comm.sum,
+                                                   num_groups=len(self.task_index))
         return adv, ret
 
     def update(self, critic_only: bool) -> dict:
-        cfg, buf, pol = self.cfg, self.buffer, self.policy
+        cfg, buf, pol, comm = self.cfg, self.buffer, self.policy, self.comm
         data = buf.flat()
         rows_np = buf.valid_rows()
-        rows = torch.as_tensor(rows_np)
         stats = {"pg_loss": [], "v_loss": [], "entropy": [], "approx_kl": [], "clipfrac": [], "kl_ref": []}
         out: dict = {"skipped_updates": 0, "explained_variance": math.nan}
 
@@ -456,13 +487,23 @@ class PPOTrainer:
             out.update({k: (float(np.mean(v)) if v else math.nan) for k, v in stats.items()})
             return out
 
-        if not len(rows_np):
+        # a rank with nothing to learn from still takes part in the others' steps, with a loss of weight 0
+        empty = not len(rows_np)
+        if not comm.any(not empty):
             return finish()   # nothing to learn from (every group dropped, or every step lost)
+        if empty:
+            rows_np = np.zeros(1, dtype=np.int64)
+        rows = torch.as_tensor(rows_np)
+        adv_flat = ret_flat = None
         try:
             adv_flat, ret_flat = self._advantages(data, rows)
         except NonFiniteError:
+            pass
+        if comm.any(adv_flat is None):
             out["skipped_updates"] = 1   # a diverged critic or reward: no target to learn from this rollout
             return finish()
+        if empty:
+            adv_flat = torch.zeros_like(adv_flat)
         old_logp = data["logprobs"][rows].sum(-1)
         model = pol.model
         for m in (model, pol.critic):
@@ -473,58 +514,73 @@ class PPOTrainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         rng = np.random.default_rng(self.iteration)
         B = len(rows_np)
-        mb = min(cfg.minibatch_size, B)
+        mb = min(math.ceil(cfg.minibatch_size / comm.world), B)   # the ranks' minibatches make one of minibatch_size
         perms = [rng.permutation(B) for _ in range(cfg.update_epochs)]
         skipped = 0
-        try:
-            if not critic_only and self.recompute_logprobs:
+        if not critic_only and self.recompute_logprobs:
+            recomputed = None
+            try:
                 recomputed = self._behaviour_logprobs(data, rows_np, perms[0], mb)
-                out["rollout_logp_gap"] = float((recomputed - old_logp.to(recomputed.device)).abs().mean())
-                old_logp = recomputed
-        except NonFiniteError:
-            out["skipped_updates"] = 1
-            self._restore_modes()
-            return finish()
+            except NonFiniteError:
+                pass
+            if comm.any(recomputed is None):
+                out["skipped_updates"] = 1
+                self._restore_modes()
+                return finish()
+            out["rollout_logp_gap"] = float((recomputed - old_logp.to(recomputed.device)).abs().mean())
+            old_logp = recomputed
         stop = False
         for epoch, perm in enumerate(perms):
-            for start in range(0, B, mb):
-                pos = perm[start:start + mb]
+            for k, pos in enumerate(self._minibatches(perm, mb)):
+                weight = 0.0 if empty or not len(pos) else 1.0
+                pos = pos if len(pos) else perm[:1]
                 idx = rows_np[pos]
                 tokens = data["tokens"][idx].to(pol.device)
+                loss = None
                 try:
                     loss, parts = self._loss(data, idx, pos, tokens, adv_flat, ret_flat, old_logp, critic_only,
-                                             first=epoch == 0 and start == 0)
+                                             first=epoch == 0 and k == 0)
+                    out.update(parts.pop("first", {}))
                 except NonFiniteError:
-                    skipped += 1
-                    continue
-                out.update(parts.pop("first", {}))
-                if not torch.isfinite(loss):
+                    pass
+                if comm.any(loss is None or not torch.isfinite(loss)):
                     skipped += 1
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()   # DDP averages the ranks' gradients here
                 self.masters.grads_to_masters()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):
+                if comm.any(not torch.isfinite(grad_norm)):
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 self.optimizer.step()
                 self.masters.masters_to_model()
-                for k in stats:
-                    if k in parts:
-                        stats[k].append(float(parts[k]))
-                if not critic_only and cfg.target_kl is not None and float(parts["approx_kl"]) > cfg.target_kl:
+                if weight:
+                    for key in stats:
+                        if key in parts:
+                            stats[key].append(float(parts[key]))
+                if not critic_only and cfg.target_kl is not None and \
+                        float(comm.sum([float(parts["approx_kl"]) * weight])[0]) / \
+                        float(comm.sum([weight])[0]) > cfg.target_kl:
                     stop = True
                     break
             if stop:
                 break
         self._restore_modes()
-        if ret_flat is not None:
+        if ret_flat is not None and not empty:
             out["explained_variance"] = explained_variance(buf.values[:buf.T].reshape(-1)[rows.to(ret_flat.device)],
                                                            ret_flat)
         out["skipped_updates"] = skipped
         return finish()
+
+    def _minibatches(self, perm: np.ndarray, mb: int) -> list[np.ndarray]:
+        """The positions of each minibatch: runs of ``mb``; with several ranks, as many on every rank (the most
+        any rank needs, some then smaller or empty), since every step is a collective."""
+        if self.comm.world == 1:
+            return [perm[start:start + mb] for start in range(0, len(perm), mb)]
+        n = int(self.comm.max([math.ceil(len(perm) / mb)])[0])
+        return np.array_split(perm, n)
 
     def _restore_modes(self) -> None:
         self.policy.model.eval()
@@ -536,7 +592,7 @@ class PPOTrainer:
         parts for the log; ``first``: the first minibatch of the first epoch, before any step, whose ratio should
         be 1 (docs/precision.md)."""
         cfg, dev = self.cfg, self.policy.device
-        logp, ent_tok, values = self._score(data, idx, tokens, critic_only)
+        logp, ent_tok, values = self.score(data, idx, tokens, critic_only)
         if critic_only:
             v_loss = 0.5 * ((values - ret_flat[pos]) ** 2).mean()
             return cfg.vf_coef * v_loss, {"v_loss": v_loss.detach()}
