@@ -161,19 +161,24 @@ def _cli(*args, cwd):
                           timeout=600, cwd=cwd)
 
 
-def test_two_rank_smoke_run_keeps_the_ranks_identical_after_every_update(tmp_path):
+@pytest.mark.parametrize("variant", [[], ["--ppo.lora-rank", "4"],
+                                     ["--ppo.algo", "grpo", "--ppo.filter-groups", "False"]],
+                         ids=["top-layer", "lora", "grpo"])
+def test_two_rank_smoke_run_keeps_the_ranks_identical_after_every_update(tmp_path, variant):
     run = tmp_path / "run"
     # no supervised stages: they broadcast rank 0's weights, which would hide a rank that drifted in PPO
-    p = _cli(*SMOKE, "--dist.nproc", "2", "--ppo.iterations", "3", "--ire.every", "0", "--checkpoint-every", "1",
-             "--checkpoint-keep", "10", "--output-dir", str(run), cwd=tmp_path)
+    p = _cli(*SMOKE, *variant, "--dist.nproc", "2", "--ppo.iterations", "3", "--ire.every", "0",
+             "--checkpoint-every", "1", "--checkpoint-keep", "10", "--output-dir", str(run), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["updates"] == 3
+    assert summary["world_size"] == 2 and summary["algo"] == ("grpo" if "grpo" in variant else "ppo")
     assert json.loads((run / "config.json").read_text())["dist"]["nproc"] == 2
-    # the global env-step count: 4 envs x 4 steps x 3 iterations, two envs on each rank
-    assert summary["env_steps"] == 48
+    history = json.loads((run / "history.json").read_text())
+    if "grpo" not in variant:
+        # the global env-step count: 4 envs x 4 steps a iteration, two envs on each rank
+        assert summary["updates"] == 3 and [h["env_steps"] for h in history] == [16, 32, 48]
     dirs = sorted((run / "checkpoints").glob("rl-*"))
-    assert [d.name for d in dirs] == ["rl-00001", "rl-00002", "rl-00003"]
+    assert len(dirs) == summary["updates"] and dirs[0].name == "rl-00001"
     for d in dirs:
         a = torch.load(d / "state.pt", weights_only=False)
         b = torch.load(d / "state.rank1.pt", weights_only=False)
@@ -181,8 +186,9 @@ def test_two_rank_smoke_run_keeps_the_ranks_identical_after_every_update(tmp_pat
         assert a["model"].keys() == b["model"].keys()
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), (d.name, k)
-        # the ranks step different envs: their episodes in progress differ
-        assert not all(np.array_equal(x, y) for x, y in zip(a["envs"]["actions"], b["envs"]["actions"]))
+        if "grpo" not in variant:   # (a group rollout runs its episodes to their ends)
+            # the ranks step different envs: their episodes in progress differ
+            assert not all(np.array_equal(x, y) for x, y in zip(a["envs"]["actions"], b["envs"]["actions"]))
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
