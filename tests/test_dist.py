@@ -1,6 +1,7 @@
 """Data-parallel training on torch.distributed (gloo on the CPU): the gradient of two ranks is that of one
 process over both minibatches, the shared statistics are every rank's, a 2-rank run keeps its ranks' weights
 identical, and a launcher never leaves processes behind."""
+import gc
 import json
 import os
 import signal
@@ -139,6 +140,8 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     result["episodes"] = [e["instruction"] for e in rec.episodes]
     result["steps"] = rec.steps
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    del ddp   # its reducer goes while the process group is alive (see dist.launch.run_rank)
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -434,6 +434,7 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
             shaping = PRMShaping(reward_model, cfg.reward.prm_coef, cfg.ppo.gamma, cfg.reward.prm_batch_size)
         grouped = schedule is not None
         budget = cfg.ppo.iterations * cfg.ppo.num_steps * cfg.env.num_envs   # env steps, the same for every algo
+        trainer = None
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
                                  shaping=shaping, comm=comm)
@@ -495,6 +496,8 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
                         checkpoint()   # at the end too: --resume with more --ppo.iterations extends the run
         finally:
             envs.close()
+            if trainer is not None:
+                trainer.close()
         timings["rl_s"] = timings.get("rl_s", 0.0) + time.perf_counter() - t0
         if shaping is not None:
             timings["prm_s"] = shaping.seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import socket
@@ -100,6 +101,10 @@ def run_rank(cfg, rank: int, world: int, local_rank: int, local_world: int) -> d
     try:
         return train(cfg, comm)
     finally:
+        # the run's DistributedDataParallel goes first, while the group is alive: a reducer holding the last
+        # reference would tear the group down with the GIL held, and gloo's thread, waiting for the GIL to free
+        # a finished collective's tensors, would never join
+        gc.collect()
         dist.destroy_process_group()
 
 

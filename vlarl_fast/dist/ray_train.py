@@ -4,6 +4,7 @@ would. What each asks of Ray (CPUs, GPUs, placement) comes from the options, nev
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def _rank_main(loop_config: dict) -> None:
     comm = prepare_rank(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
                         ctx.get_local_world_size(), device=device)
     train(cfg, comm)   # the run's files are its report (rank 0 writes them into RUN_DIR)
+    gc.collect()   # the run's DistributedDataParallel goes before Ray tears the process group down
 
 
 def resources(cfg) -> dict:

@@ -236,6 +236,11 @@ class PPOTrainer:
             names = sorted(set(x for r in comm.all_gather(list(envs.instructions)) for x in r))
             self.task_index = {s: i for i, s in enumerate(names)}   # the same on every rank
 
+    def close(self) -> None:
+        """Drop the DistributedDataParallel wrapper now, while the process group is alive (a reducer that
+        outlives it tears the group down with the GIL held, which can hang gloo's thread)."""
+        self.score = self._score
+
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
     def _step(self, t: int, ids: np.ndarray, stats: dict, episode: np.ndarray | None = None) -> dict:
