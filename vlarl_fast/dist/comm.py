@@ -27,22 +27,21 @@ class Comm:
         import torch.distributed as dist
         return dist
 
-    def sum(self, values) -> np.ndarray:
-        """Elementwise sum over the ranks of a float vector (float64 on the wire)."""
-        x = np.asarray(values, dtype=np.float64)
+    def _reduce(self, values, op: str) -> np.ndarray:
+        x = np.asarray(values, dtype=np.float64)   # float64 on the wire
         if self.world == 1:
             return x
+        dist = self._dist()
         t = torch.as_tensor(x, device=self.device)
-        self._dist().all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.cpu().numpy()
 
+    def sum(self, values) -> np.ndarray:
+        """Elementwise sum over the ranks of a float vector."""
+        return self._reduce(values, "SUM")
+
     def max(self, values) -> np.ndarray:
-        x = np.asarray(values, dtype=np.float64)
-        if self.world == 1:
-            return x
-        t = torch.as_tensor(x, device=self.device)
-        self._dist().all_reduce(t, op=self._dist().ReduceOp.MAX)
-        return t.cpu().numpy()
+        return self._reduce(values, "MAX")
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one: the decisions ranks must take together (skip an update,

@@ -87,18 +87,15 @@ def state_file(rank: int) -> str:
 def save(run_dir: str | Path, state: dict, keep: int, comm: Comm = SINGLE) -> Path:
     path = Path(run_dir) / "checkpoints" / f"rl-{state['iteration']:05d}"
     state = {**state, "world_size": comm.world}
-    if comm.world == 1:
+    # rank 0 makes the folder; every rank writes its part there; it is published once all parts are in
+    if comm.main:
         with atomic_directory(path) as tmp:
-            torch.save(state, tmp / STATE)
+            torch.save(state, Path(comm.broadcast(str(tmp))) / state_file(comm.rank))
+            comm.barrier()
     else:
-        # rank 0 makes the folder and publishes it once every rank has written its part
-        publish = atomic_directory(path) if comm.main else None
-        tmp = comm.broadcast(str(publish.__enter__()) if comm.main else None)
-        torch.save(state, Path(tmp) / state_file(comm.rank))
+        torch.save(state, Path(comm.broadcast(None)) / state_file(comm.rank))
         comm.barrier()
-        if comm.main:
-            publish.__exit__(None, None, None)
-        comm.barrier()
+    comm.barrier()
     if comm.main:
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

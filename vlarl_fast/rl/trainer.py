@@ -555,7 +555,7 @@ class PPOTrainer:
                 (loss * weight if weight != 1.0 else loss).backward()   # DDP averages the ranks' gradients here
                 self.masters.grads_to_masters()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if comm.any(not torch.isfinite(grad_norm)):
+                if not torch.isfinite(grad_norm):   # the same on every rank: DDP gave them one averaged gradient
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
@@ -565,11 +565,11 @@ class PPOTrainer:
                     for key in stats:
                         if key in parts:
                             stats[key].append(float(parts[key]))
-                if not critic_only and cfg.target_kl is not None and \
-                        float(comm.sum([float(parts["approx_kl"]) * weight])[0]) / \
-                        float(comm.sum([weight])[0]) > cfg.target_kl:
-                    stop = True
-                    break
+                if not critic_only and cfg.target_kl is not None:
+                    kl_sum, weights = comm.sum([float(parts["approx_kl"]) * weight, weight])
+                    if kl_sum / weights > cfg.target_kl:
+                        stop = True
+                        break
             if stop:
                 break
         self._restore_modes()
