@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -45,7 +46,7 @@ def prepare_output_dir(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"   # one per process: the ranks of a run probe the same folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
