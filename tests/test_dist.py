@@ -48,14 +48,16 @@ def test_iteration_figures_merge_by_episodes_and_sums():
     base = {"iteration": 3, "env_steps": 100, "sps": 50.0, "episodes": 2, "success": 1.0, "episode_return": 2.0,
             "pg_loss": 0.1, "v_loss": 0.2, "entropy": 1.0, "approx_kl": 0.01, "clipfrac": 0.1,
             "explained_variance": 0.5, "critic_only": False, "skipped_updates": 0, "kl_ref": float("nan"),
-            "prm_seconds": float("nan"), "groups_kept": 1, "groups_dropped": 0, "lost_steps": 0}
+            "prm_seconds": float("nan"), "groups_kept": 1, "groups_dropped": 0, "lost_steps": 0,
+            "rollout_seconds": 2.0, "update_seconds": 1.0}
     other = {**base, "env_steps": 100, "episodes": 6, "success": 0.5, "episode_return": 0.0, "pg_loss": 0.3,
-             "skipped_updates": 1, "lost_steps": 2}
+             "skipped_updates": 1, "lost_steps": 2, "rollout_seconds": 2.5, "update_seconds": 0.5}
     m = merge_iteration([base, other])
     assert m["env_steps"] == 200 and m["episodes"] == 8 and m["sps"] == 100.0 and m["lost_steps"] == 2
     assert m["success"] == pytest.approx((2 * 1.0 + 6 * 0.5) / 8)
     assert m["episode_return"] == pytest.approx(2 * 2.0 / 8)
     assert m["pg_loss"] == pytest.approx(0.2) and m["skipped_updates"] == 1 and m["iteration"] == 3
+    assert m["rollout_seconds"] == 2.5 and m["update_seconds"] == 1.0   # the slowest rank's
 
 
 def test_evaluations_of_task_shares_merge_into_one():

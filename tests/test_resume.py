@@ -9,7 +9,7 @@ from vlarl_fast.cli import main
 
 FAST = ["--preset", "smoke", "--progress", "False", "--eval.heldout-episodes", "0", "--eval.init-states", "1",
         "--tensorboard", "False"]
-WALL_CLOCK = ("sps", "prm_seconds")
+WALL_CLOCK = ("sps", "prm_seconds", "rollout_seconds", "update_seconds")
 
 
 def _same_run(a, b):

@@ -168,11 +168,12 @@ class PPOConfig:
     env-step budget iterations x num_steps x num_envs is spent."""
     num_steps: int = 32
     """Environment steps per env per iteration (the rollout horizon T)."""
-    rollout: Literal["sync", "pipelined"] = "sync"
+    rollout: Literal["auto", "sync", "pipelined"] = "auto"
     """How PPO's rollout drives the envs: 'sync', the policy decodes for every env, then every env steps;
     'pipelined', the envs in two halves (by worker) that alternate, so one half steps in the env workers while
     the policy decodes for the other, on the cores those workers leave (the same actions per env; the group
-    algorithms always run their groups as they finish)."""
+    algorithms always run their groups as they finish); 'auto', pipelined where the envs step in worker
+    processes (--env.backend process), else sync."""
     learning_rate: float = 1e-4
     """Adam learning rate of the policy."""
     critic_learning_rate: float = 1e-3
@@ -235,10 +236,11 @@ class PPOConfig:
     """Train only this many top LM layers (plus the final norm and the LM head) during RL, as iRe-VLA keeps
     the backbone frozen in its RL stage; 0 trains the whole policy (but the vision tower if freeze_vision).
     Fewer trained parameters keep the policy gradient's noise from eroding the SFT skill (benchmarks/RESULTS.md)."""
-    cache_frozen_layers: bool = False
+    cache_frozen_layers: Literal["auto", "on", "off"] | bool = "auto"
     """Keep the inputs of the first trained LM layer from the rollout, so the update runs only the trained
-    layers instead of the whole model (the same numbers to float rounding; needs --ppo.train-layers > 0, no
-    LoRA, the vision tower frozen and the shared critic)."""
+    layers instead of the whole model (the same numbers to float rounding). It needs everything below frozen
+    (--ppo.train-layers > 0, no LoRA, the vision tower frozen) and the shared critic: 'auto' uses it where
+    those hold, 'on' requires them, 'off' (or False) always runs the whole model."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank on every layer of the language model instead (0: off); with LoRA only
     the adapters and the value head learn in RL, and --ppo.train-layers does not apply."""

@@ -171,8 +171,7 @@ def check_algo(cfg: TrainConfig) -> None:
            else f"--env.num-envs {cfg.env.num_envs} must be a multiple of --ppo.group-size {ppo.group_size} (a "
                 "group's episodes run side by side)" if cfg.env.num_envs % ppo.group_size else
            "it needs --ppo.curriculum True (the curriculum deals each group's initial state)" if not ppo.curriculum
-           else "it does not follow the frozen-layer cache: drop --ppo.cache-frozen-layers"
-           if ppo.cache_frozen_layers else None)
+           else None)
     if why is not None:
         raise ConfigError(f"--ppo.algo {ppo.algo}: {why}")
 
@@ -439,6 +438,10 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
                                  shaping=shaping, comm=comm)
+            summary["update_from_layer"] = trainer.first_layer   # None: the update runs the whole model
+            if trainer.first_layer is not None:
+                console.print(f"PPO update: from the rollout's cached inputs of LM layer {trainer.first_layer} "
+                              f"(--ppo.cache-frozen-layers {cfg.ppo.cache_frozen_layers})")
             if resumed is not None:
                 from .rl import checkpointing
                 checkpointing.restore(resumed, trainer, stage=stage, recorder=recorder, curriculum=curriculum,

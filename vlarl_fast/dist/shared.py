@@ -87,7 +87,8 @@ def merge_iteration(rows: list[dict]) -> dict:
     for k in ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac", "explained_variance", "kl_ref"):
         out[k] = _mean(rows, k)
     out["skipped_updates"] = max(r["skipped_updates"] for r in rows)   # skips are decided together
-    out["prm_seconds"] = max(r["prm_seconds"] for r in rows)
+    for k in ("prm_seconds", "rollout_seconds", "update_seconds"):   # the slowest rank's time is the iteration's
+        out[k] = max(r[k] for r in rows)
     return out
 
 

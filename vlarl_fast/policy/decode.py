@@ -154,12 +154,31 @@ def top_layers_hidden(decoder, hidden: torch.Tensor, mask: torch.Tensor, pos: to
     """The decoder from layer ``first_layer`` up, on that layer's inputs [B, L, H] (left-padded mask and
     positions [B, L]) -> final hidden states [B, L, H]: the same arithmetic as ``decoder.forward`` (its mask,
     its rotary tables, its layers, its norm), minus the layers below."""
+    return decoder.norm(_run_layers(decoder, hidden, mask, pos, first_layer, decoder.config.num_hidden_layers))
+
+
+def _run_layers(decoder, hidden, mask, pos, start: int, stop: int) -> torch.Tensor:
+    if start >= stop:
+        return hidden
     causal = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
                                 position_ids=pos, **{_MASK_CACHE_ARG: None})
     rope = decoder.rotary_emb(hidden, position_ids=pos)
-    for layer in decoder.layers[first_layer:decoder.config.num_hidden_layers]:
+    for layer in decoder.layers[start:stop]:
         hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
-    return decoder.norm(hidden)
+    return hidden
+
+
+def top_layers_tail(decoder, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, first_layer: int,
+                    keep: int) -> torch.Tensor:
+    """``top_layers_hidden(...)[:, -keep:]``, its readable reference, with the top layer run for those columns
+    only. Nothing above the top layer reads its other columns, so of them it needs only the keys and values:
+    for the update of the default tiny VLA (one trained layer, the 7 action columns of ~60) that skips most of
+    the layer's work, forward and backward (tests/test_frozen_cache.py compares the two)."""
+    n = decoder.config.num_hidden_layers
+    if not llama_step.supports(decoder) or first_layer >= n:
+        return top_layers_hidden(decoder, hidden, mask, pos, first_layer)[:, -keep:]
+    hidden = _run_layers(decoder, hidden, mask, pos, first_layer, n - 1)
+    return decoder.norm(llama_step.layer_tail(decoder, decoder.layers[n - 1], hidden, mask, pos, keep))
 
 
 def action_hidden(model, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,

@@ -243,6 +243,37 @@ class LlamaStepper:
         return x + _proj(m.act_fn(gate) * up, m.down_proj)
 
 
+def layer_tail(decoder: LlamaModel, layer, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+               keep: int) -> torch.Tensor:
+    """``layer`` (a ``LlamaDecoderLayer`` of ``decoder``) on x [B, L, H] (left-padded mask and positions
+    [B, L]) -> its output for the last ``keep`` columns [B, keep, H]: the keys and values of every column,
+    the queries, attention output and MLP of those columns only. Written with the layer's own modules, so it
+    trains them (gradients flow as through ``layer(...)``)."""
+    cfg = decoder.config
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+    B, L, _ = x.shape
+    a = layer.self_attn
+    cos, sin = decoder.rotary_emb(x, position_ids=pos)
+    cos, sin = cos[:, None], sin[:, None]                             # [B, 1, L, d]
+
+    def rope(t, c, s):   # transformers' rotate-half RoPE
+        return t * c + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * s
+
+    h = layer.input_layernorm(x)
+    q = a.q_proj(h[:, -keep:]).view(B, keep, Hq, d).transpose(1, 2)
+    k = a.k_proj(h).view(B, L, Hkv, d).transpose(1, 2)
+    v = a.v_proj(h).view(B, L, Hkv, d).transpose(1, 2)
+    q, k = rope(q, cos[:, :, -keep:], sin[:, :, -keep:]), rope(k, cos, sin)
+    # query column L - keep + i sees the unpadded columns up to itself; a padding column only itself (a row
+    # with no key would give NaN, which would reach the gradients)
+    causal = torch.ones(keep, L, dtype=torch.bool, device=x.device).tril(L - keep)
+    allowed = ((causal & mask.bool()[:, None, :]) | causal.triu(L - keep))[:, None]   # [B, 1, keep, L]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=a.scaling, enable_gqa=Hq != Hkv)
+    out = x[:, -keep:] + a.o_proj(o.transpose(1, 2).reshape(B, keep, Hq * d))
+    return out + layer.mlp(layer.post_attention_layernorm(out))
+
+
 _COMPILED: dict[str, object] = {}
 
 

@@ -19,7 +19,8 @@ import torch
 from .action_convention import IDENTITY, check_convention, from_env, to_env
 from .action_tokenizer import ACTION_DIM, ActionTokenizer, NormStats
 from .critic import CRITICS, POOLINGS, SeparateCritic, pool_prompt
-from .decode import IMPLS, action_logprobs_of, decode_actions, teacher_forced_hidden, top_layers_hidden
+from .decode import (IMPLS, action_logprobs_of, decode_actions, teacher_forced_hidden, top_layers_hidden,
+                     top_layers_tail)
 from .protocol import check_model, left_pad
 
 
@@ -182,9 +183,13 @@ class VLAPolicy:
             raise ValueError("the frozen-layer cache serves the shared critic; a separate critic needs the prompt "
                              "embeddings (use evaluate_actions)")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not critic_only):
-            hidden = top_layers_hidden(self.model.decoder, frozen.hidden, frozen.mask, frozen.pos, first_layer)
+            if self.value_pooling == "last":   # the values and log-probs read only the last 7 columns
+                hidden = top_layers_tail(self.model.decoder, frozen.hidden, frozen.mask, frozen.pos, first_layer,
+                                         ACTION_DIM)
+            else:
+                hidden = top_layers_hidden(self.model.decoder, frozen.hidden, frozen.mask, frozen.pos, first_layer)
         S = hidden.shape[1] - (ACTION_DIM - 1)
-        values = self._values(None, frozen.mask[:, :S], None, hidden[:, :S])
+        values = self._values(None, frozen.mask[:, -hidden.shape[1]:][:, :S], None, hidden[:, :S])
         if critic_only:
             return None, None, values
         logp, ent = action_logprobs_of(self.model, hidden[:, S - 1:], tokens, temperature=temperature,

@@ -62,7 +62,10 @@ class RolloutBuffer:
             self.states = grown(self.states, self.states.new_zeros((T, N) + tuple(self.states.shape[2:])))
         self.instructions: list[list[str]] = (getattr(self, "instructions", [])[:old] +
                                               [[""] * N for _ in range(T - old)])
-        self.frozen: list[FrozenInputs | None] = getattr(self, "frozen", [])[:old] + [None] * (T - old)
+        # per step, the frozen-layer inputs of each batch the policy decoded: (env ids or None for all, inputs);
+        # a pipelined or group rollout decodes a step's envs in several batches, whose prompts may differ in length
+        self.frozen: list[list[tuple[np.ndarray | None, FrozenInputs]]] = \
+            getattr(self, "frozen", [])[:old] + [[] for _ in range(T - old)]
         self.capacity = T
 
     def start(self, num_steps: int = 0) -> None:
@@ -74,6 +77,7 @@ class RolloutBuffer:
         self.valid.zero_()
         self.episode.fill_(-1)
         self.next_values.zero_()
+        self.frozen = [[] for _ in range(self.capacity)]
 
     def reserve(self, t: int) -> None:
         """Make row ``t`` usable, growing the storage geometrically."""
@@ -102,7 +106,11 @@ class RolloutBuffer:
         else:
             for j, i in enumerate(np.asarray(ids).tolist()):
                 self.instructions[t][i] = instructions[j]
-        self.frozen[t] = frozen
+        if frozen is not None:
+            if ids is None:
+                self.frozen[t] = [(None, frozen)]
+            else:
+                self.frozen[t].append((np.asarray(ids), frozen))
 
     def record(self, t: int, rewards, terminated, truncated, restarted=None, ids=None) -> None:
         """The outcome of step t for envs ``ids`` (None: all N). A step that a worker restart cut short
@@ -148,23 +156,38 @@ class RolloutBuffer:
     # ---- reads --------------------------------------------------------------------------------
     def frozen_rows(self, idx) -> FrozenInputs:
         """The frozen-layer inputs (``VLAPolicy.act(capture_layer=...)``) of flat rows ``idx``, left-padded to
-        the longest: prompts of different steps differ in length, and left padding keeps every row's action
+        the longest: prompts of different batches differ in length, and left padding keeps every row's action
         columns last. Padding columns are masked out and carry zeros."""
         idx = np.asarray(idx)
         ts, ns = idx // self.N, idx % self.N
         steps = [int(t) for t in np.unique(ts)]
-        first = self.frozen[steps[0]]
-        L = max(self.frozen[t].hidden.shape[1] for t in steps)
+        pieces = [(t, ids, f) for t in steps for ids, f in self.frozen[t]]
+        if not pieces:
+            raise RuntimeError("no frozen-layer inputs were recorded for these rows: the rollout ran without "
+                               "act(capture_layer=...)")
+        first = pieces[0][2]
+        L = max(f.hidden.shape[1] for _, _, f in pieces)
         B, H = len(idx), first.hidden.shape[2]
         hidden = first.hidden.new_zeros(B, L, H)
         mask, pos = first.mask.new_zeros(B, L), first.pos.new_zeros(B, L)
-        for t in steps:
+        found = np.zeros(B, dtype=bool)
+        for t, ids, f in pieces:
             rows = np.flatnonzero(ts == t)
-            f = self.frozen[t]
+            if ids is None:
+                src = ns[rows]
+            else:   # the rows of this batch's envs, and where each env sits in the batch
+                where = np.full(self.N, -1)
+                where[ids] = np.arange(len(ids))
+                src = where[ns[rows]]
+                rows, src = rows[src >= 0], src[src >= 0]
             cols = slice(L - f.hidden.shape[1], L)
-            hidden[rows, cols] = f.hidden[ns[rows]]
-            mask[rows, cols] = f.mask[ns[rows]]
-            pos[rows, cols] = f.pos[ns[rows]]
+            hidden[rows, cols] = f.hidden[src]
+            mask[rows, cols] = f.mask[src]
+            pos[rows, cols] = f.pos[src]
+            found[rows] = True
+        if not found.all():
+            raise RuntimeError(f"rows {idx[~found][:8].tolist()} have no frozen-layer inputs (their env was not "
+                               "decoded at that step)")
         return FrozenInputs(hidden, mask, pos)
 
     def valid_rows(self) -> np.ndarray:

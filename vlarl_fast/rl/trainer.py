@@ -81,6 +81,8 @@ class IterationStats:
     groups_kept: int = 0                  # group algorithms: complete groups the update learnt from,
     groups_dropped: int = 0               # and groups dynamic sampling left out (all succeeded or all failed)
     lost_steps: int = 0                   # steps that env worker restarts cut short (left out of the update)
+    rollout_seconds: float = math.nan     # wall time of the rollout (decoding, env steps, reward shaping)
+    update_seconds: float = math.nan      # and of the update
 
 
 def freeze_below_top_layers(model, k: int) -> None:
@@ -122,19 +124,35 @@ def resolve_recompute_logprobs(name: str, model) -> bool:
 def frozen_layer_cache(policy: VLAPolicy, cfg: PPOConfig) -> int | None:
     """The first trainable decoder layer when the update may start there (``--ppo.cache-frozen-layers``):
     the rollout keeps that layer's inputs, and the update runs only the layers above instead of the whole
-    model. It needs everything below frozen (top layers trained, no LoRA, vision frozen) and the shared
-    critic; None when off."""
-    if not cfg.cache_frozen_layers:
+    model. It needs everything below frozen (top layers trained, no LoRA, vision frozen), the shared critic
+    and a Llama-style decoder: 'auto' (the default) starts there where those hold, 'on' (or True) requires
+    them; None when off."""
+    mode = {True: "on", False: "off"}.get(cfg.cache_frozen_layers, cfg.cache_frozen_layers)
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"unknown --ppo.cache-frozen-layers {mode!r}; use auto, on or off")
+    if mode == "off":
         return None
+    dec = policy.model.decoder
     why = ("--ppo.train-layers > 0" if cfg.train_layers <= 0 else "no LoRA" if cfg.lora_rank > 0 else
            "--ppo.freeze-vision True" if not cfg.freeze_vision else
-           "--ppo.critic shared" if cfg.critic != "shared" else None)
-    if why is not None:
-        raise ValueError(f"--ppo.cache-frozen-layers needs {why} (everything below the trained layers frozen)")
-    dec = policy.model.decoder
-    if not all(hasattr(dec, a) for a in ("layers", "rotary_emb", "norm")):
-        raise ValueError(f"--ppo.cache-frozen-layers drives Llama-style decoders; {type(dec).__name__} is not one")
-    return len(dec.layers) - cfg.train_layers
+           "--ppo.critic shared" if cfg.critic != "shared" else
+           f"a Llama-style decoder ({type(dec).__name__} is not one)"
+           if not all(hasattr(dec, a) for a in ("layers", "rotary_emb", "norm")) else None)
+    if why is None:
+        return len(dec.layers) - cfg.train_layers
+    if mode == "auto":
+        return None
+    raise ValueError(f"--ppo.cache-frozen-layers needs {why} (everything below the trained layers frozen)")
+
+
+def pipelined(rollout: str, envs) -> bool:
+    """--ppo.rollout: 'auto' pipelines where the envs step in worker processes, which can step one half while
+    this process decodes for the other; in-process envs would only step after the decoding anyway."""
+    if rollout not in ("auto", "sync", "pipelined"):
+        raise ValueError(f"unknown --ppo.rollout {rollout!r}; use auto, sync or pipelined")
+    if envs.num_envs < 2:
+        return False
+    return rollout == "pipelined" or (rollout == "auto" and getattr(envs, "backend", "") == "process")
 
 
 def pipeline_halves(envs) -> list[np.ndarray]:
@@ -190,9 +208,6 @@ class PPOTrainer:
                  shaping: PRMShaping | None = None, comm: Comm = SINGLE):
         self.policy, self.envs, self.cfg, self.comm = policy, envs, cfg, comm
         self.groups = cfg.algo in GROUP_ALGOS
-        if self.groups and cfg.cache_frozen_layers:
-            raise ValueError(f"--algo {cfg.algo} steps only the envs whose group still runs, which the frozen-layer "
-                             "cache does not follow: drop --ppo.cache-frozen-layers")
         self.shaping = shaping     # the process reward model's potential-based term (prm/shaping.py)
         self.curriculum = curriculum
         self.recorder = recorder   # keeps successful episodes for iRe-VLA's supervised stage
@@ -219,6 +234,7 @@ class PPOTrainer:
         # GAE reads the buffer's rewards, values and flags where they live: on the policy's device
         self.buffer = RolloutBuffer(cfg.num_steps, envs.num_envs, device=policy.device)
         self.first_layer = frozen_layer_cache(policy, cfg)
+        pipelined(cfg.rollout, envs)   # a bad --ppo.rollout fails here, not at the first rollout
         self.obs, _ = envs.reset(seed=seed + comm.rank * envs.num_envs)   # env i of the run: seed + i
         if shaping is not None:
             shaping.reset(self.obs, envs.instructions)
@@ -360,7 +376,7 @@ class PPOTrainer:
         stats = self._new_stats()
         buf.start(cfg.num_steps)
         N = self.envs.num_envs
-        if cfg.rollout == "pipelined" and N >= 2:
+        if pipelined(cfg.rollout, self.envs):
             self._collect_pipelined(stats)
         else:
             ids = np.arange(N)
@@ -658,6 +674,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         steps0 = self.global_step
         roll = self.collect()
+        t1 = time.perf_counter()
         critic_only = not self.groups and self.iteration < self.cfg.critic_warmup
         upd = self.update(critic_only)
         dt = time.perf_counter() - t0
@@ -671,6 +688,6 @@ class PPOTrainer:
             clipfrac=upd["clipfrac"], explained_variance=upd["explained_variance"], critic_only=critic_only,
             skipped_updates=upd["skipped_updates"], prm_seconds=roll["prm_seconds"], kl_ref=upd["kl_ref"],
             groups_kept=roll.get("groups_kept", 0), groups_dropped=roll.get("groups_dropped", 0),
-            lost_steps=roll["lost_steps"],
+            lost_steps=roll["lost_steps"], rollout_seconds=t1 - t0, update_seconds=t0 + dt - t1,
             **{k: upd[k] for k in ("first_ratio_error", "first_approx_kl", "first_clipfrac", "rollout_logp_gap")
                if k in upd})
