@@ -1,4 +1,4 @@
-"""One PPO gradient step on the default tiny VLA (64 px, 4 layers, the top one trained): the whole forward
+"""One PPO gradient step on the tiny VLA of `vlarl-fast train` (64 px, the top layer trained): the whole forward
 from cached vision features (``evaluate_actions``, the baseline) against the trained layer alone from its
 cached inputs (``evaluate_frozen``, ``--ppo.cache-frozen-layers``), on the same minibatch of rollout rows.
 Under ``--benchmark-disable`` it runs at a toy size as a smoke test."""
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from _timing import median_seconds, record
 
-from vlarl_fast.config import PPOConfig
+from vlarl_fast.config import PolicyConfig, PPOConfig
 from vlarl_fast.envs.tabletop.tasks import TASKS
 from vlarl_fast.policy import make_policy
 from vlarl_fast.rl.buffer import RolloutBuffer
@@ -17,8 +17,9 @@ def test_update_step_from_frozen_inputs(benchmark):
     small = benchmark.disabled
     steps, envs, mb = (2, 4, 8) if small else (6, 48, 256)
     instructions = [t.instruction for t in TASKS.values()]
-    pol = make_policy("tiny", instructions=instructions, image_size=64, seed=0,
-                      **({"hidden_size": 32, "num_layers": 2} if small else {}))
+    size = {"hidden_size": 32, "num_layers": 2} if small else \
+        {"hidden_size": PolicyConfig().hidden_size, "num_layers": PolicyConfig().num_layers}
+    pol = make_policy("tiny", instructions=instructions, image_size=64, seed=0, **size)
     model = pol.model
     for p in model.vision_tower.parameters():
         p.requires_grad_(False)
@@ -56,6 +57,7 @@ def test_update_step_from_frozen_inputs(benchmark):
     if small:
         return
     t_full, t_cached = median_seconds(full, 7), median_seconds(cached, 7)
-    record(benchmark, f"PPO step, minibatch {mb}, 4-layer tiny VLA, top layer trained: whole forward "
-           f"{t_full * 1e3:.0f} ms, from cached layer inputs {t_cached * 1e3:.0f} ms: x{t_full / t_cached:.2f}",
+    record(benchmark, f"PPO step, minibatch {mb}, tiny VLA ({size['num_layers']} layers, {size['hidden_size']} wide), "
+           f"top layer trained: whole forward {t_full * 1e3:.0f} ms, from cached layer inputs {t_cached * 1e3:.0f} ms: "
+           f"x{t_full / t_cached:.2f}",
            full_s=t_full, cached_s=t_cached, speedup=t_full / t_cached)
