@@ -122,8 +122,20 @@ def test_training_with_the_cache_follows_the_full_forward(rollout, algo):
 @pytest.mark.parametrize("kw,fix", [({"lora_rank": 4}, "no LoRA"), ({"critic": "separate"}, "critic shared"),
                                     ({"freeze_vision": False}, "freeze-vision"), ({"train_layers": 0}, "train-layers")])
 def test_cache_needs_everything_below_frozen(kw, fix):
-    with pytest.raises(ValueError, match=fix):
-        frozen_layer_cache(_policy(), PPOConfig(cache_frozen_layers=True, **kw))
+    for on in (True, "on"):
+        with pytest.raises(ValueError, match=fix):
+            frozen_layer_cache(_policy(), PPOConfig(cache_frozen_layers=on, **kw))
+    # 'auto' (the default) falls back to the whole model where the cache does not apply
+    assert frozen_layer_cache(_policy(), PPOConfig(**kw)) is None
+
+
+def test_cache_auto_starts_at_the_first_trained_layer():
+    assert frozen_layer_cache(_policy(), PPOConfig()) == 2   # 3 layers, the top one trained
+    assert frozen_layer_cache(_policy(), PPOConfig(train_layers=2)) == 1
+    for off in (False, "off"):
+        assert frozen_layer_cache(_policy(), PPOConfig(cache_frozen_layers=off)) is None
+    with pytest.raises(ValueError, match="use auto, on or off"):
+        frozen_layer_cache(_policy(), PPOConfig(cache_frozen_layers="yes"))
 
 
 @pytest.mark.parametrize("kv_heads,first_layer,keep", [(4, 2, 7), (2, 1, 7), (1, 2, 1), (2, 0, 13), (4, 2, 3)])

@@ -279,6 +279,18 @@ def _rollouts(rollout, backend, iterations=2):
     return out
 
 
+def test_rollout_auto_pipelines_only_envs_in_worker_processes():
+    from types import SimpleNamespace
+
+    from vlarl_fast.rl.trainer import pipelined
+    workers, inproc = SimpleNamespace(num_envs=4, backend="process"), SimpleNamespace(num_envs=4, backend="inprocess")
+    assert pipelined("auto", workers) and not pipelined("auto", inproc)
+    assert pipelined("pipelined", inproc) and not pipelined("sync", workers)
+    assert not pipelined("pipelined", SimpleNamespace(num_envs=1, backend="process"))   # nothing to alternate
+    with pytest.raises(ValueError, match="use auto, sync or pipelined"):
+        pipelined("async", workers)
+
+
 @pytest.mark.parametrize("backend", ["inprocess", "process"])
 def test_pipelined_rollout_gives_each_env_the_synchronous_episodes(backend):
     if backend == "process" and not __import__("vlarl_fast._ext", fromlist=["x"]).EXT_AVAILABLE:
