@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaModel
+from transformers.models.llama.modeling_llama import rotate_half
 
 # fused copies of q/k/v and gate/up weights are kept only while all of them together stay below this: they
 # save a few small launches per layer, which matters for small models and not for large ones
@@ -257,8 +258,8 @@ def layer_tail(decoder: LlamaModel, layer, x: torch.Tensor, mask: torch.Tensor, 
     cos, sin = decoder.rotary_emb(x, position_ids=pos)
     cos, sin = cos[:, None], sin[:, None]                             # [B, 1, L, d]
 
-    def rope(t, c, s):   # transformers' rotate-half RoPE
-        return t * c + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * s
+    def rope(t, c, s):
+        return t * c + rotate_half(t) * s
 
     h = layer.input_layernorm(x)
     q = a.q_proj(h[:, -keep:]).view(B, keep, Hq, d).transpose(1, 2)
