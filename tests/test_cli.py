@@ -113,7 +113,7 @@ def test_short_train_options_and_benchmark_defaults():
     assert expand_aliases(["--env", "libero", "--suite=libero_goal", "--policy", "p", "--env.reward", "sparse"]) == \
         ["--env.benchmark", "libero", "--env.suite=libero_goal", "--policy.policy", "p", "--env.reward", "sparse"]
     tab = resolve_env(EnvConfig())
-    assert (tab.suite, tab.image_size, tab.reward, tab.num_envs) == ("tabletop", 64, "dense", 48)
+    assert (tab.suite, tab.image_size, tab.reward, tab.num_envs) == ("tabletop", 64, "dense", 96)
     lib = resolve_env(EnvConfig(benchmark="libero", num_envs=2))
     assert (lib.suite, lib.image_size, lib.reward, lib.num_envs) == ("libero_spatial", 224, "sparse", 2)
     with pytest.raises(ValueError, match="add --env libero"):

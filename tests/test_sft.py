@@ -240,3 +240,57 @@ def test_sft_on_a_bf16_openvla_moves_weights_that_bf16_adamw_cannot():
         big = before[n].abs() > 0.1
         moved = ((q.detach() != before[n]) & big).sum() / big.sum()
         assert moved > 0.3, (n, float(moved))   # measured: ~0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving average of the weights (--sft.ema-decay)
+# ---------------------------------------------------------------------------------------------
+def test_weight_ema_matches_the_scalar_recursion():
+    from vlarl_fast.rl.sft import WeightEMA
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(3, 5, generator=g), torch.randn(7, generator=g)]
+    ema = WeightEMA(w, 0.9)
+    ref = [t.clone() for t in w]
+    for step in range(1, 40):
+        for t in w:
+            t.add_(torch.randn(t.shape, generator=g))
+        ema.update()
+        d = min(0.9, (1 + step) / (10 + step))
+        ref = [d * r + (1 - d) * t for r, t in zip(ref, w)]
+    for a, b in zip(ema.shadow, ref):
+        torch.testing.assert_close(a, b)
+    ema.copy_to_tensors()
+    for a, b in zip(w, ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(w, 1.0)
+
+
+def test_sft_with_ema_ends_at_the_average_of_its_trajectory(monkeypatch):
+    """SFT with ``ema_decay`` takes plain SFT's trajectory (the average never feeds back: the same losses)
+    and ends at the moving average of the weights along it."""
+    from vlarl_fast.rl.sft import WeightEMA, sft_train
+    images, states, instructions, actions = _bc_batch(12, 32, seed=3)
+    data = {"images": images, "states": states, "instructions": instructions, "actions": actions}
+    kw = dict(epochs=3, batch_size=8, lr=3e-3, weight_decay=0.0, seed=0, warmup_steps=1)
+    initial = [q.detach().clone() for q in _policy(32).model.parameters() if q.requires_grad]
+    seen, real_update = [], WeightEMA.update
+
+    def spy(self):   # the weights after each optimiser step
+        seen.append([t.detach().clone() for t in self.tensors])
+        real_update(self)
+    monkeypatch.setattr(WeightEMA, "update", spy)
+    p = _policy(32)
+    losses = sft_train(p, data, ema_decay=0.5, **kw)
+    plain = _policy(32)
+    assert losses == sft_train(plain, data, **kw)
+    trained = [q.detach() for q in plain.model.parameters() if q.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(seen[-1], trained))
+    ref = initial
+    for step, ws in enumerate(seen, start=1):
+        d = min(0.5, (1 + step) / (10 + step))
+        ref = [d * r + (1 - d) * w for r, w in zip(ref, ws)]
+    got = [q.detach() for q in p.model.parameters() if q.requires_grad]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(got, trained))

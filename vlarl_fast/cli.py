@@ -55,7 +55,7 @@ class EvalCommand:
     temperature: float = 1.0
     """Sampling temperature."""
     num_envs: int = 0
-    """Environments stepped together (0: tabletop 48, LIBERO 8)."""
+    """Environments stepped together (0: tabletop 96, LIBERO 8)."""
     max_episode_steps: int | None = None
     """Cut episodes shorter than the suite's limit (quick checks; not a benchmark number)."""
     render_device: str = "auto"

@@ -28,7 +28,7 @@ class EnvConfig:
     """'sparse': 1 on success. 'dense': sparse plus potential-based progress shaping (keeps the optimal policy).
     Default: tabletop dense; LIBERO has only sparse."""
     num_envs: int = 0
-    """Environments stepped together per rollout batch (0: tabletop 48, LIBERO 8)."""
+    """Environments stepped together per rollout batch (0: tabletop 96, LIBERO 8)."""
     max_episode_steps: int | None = None
     """Episode limit instead of each task's own (quick checks; not for benchmark numbers)."""
     backend: Literal["auto", "inprocess", "process"] = "auto"
@@ -41,7 +41,7 @@ class EnvConfig:
     GPU; 'cuda:0,cuda:2' (or '0,2') = those CUDA devices. MUJOCO_GL=osmesa and CUDA_VISIBLE_DEVICES are respected."""
 
 
-ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 48,
+ENV_DEFAULTS = {"tabletop": {"suite": "tabletop", "image_size": 64, "reward": "dense", "num_envs": 96,
                              "backend": "process"},
                 "libero": {"suite": "libero_spatial", "image_size": 224, "reward": "sparse", "num_envs": 8,
                            "backend": "process"}}
@@ -134,6 +134,9 @@ class SFTConfig:
     epochs: int = 14
     """Passes over the demonstration steps. They set where RL starts, and how much RL then adds (chosen on
     success after RL, benchmarks/RESULTS.md)."""
+    ema_decay: float = 0.0
+    """>0: the SFT policy is the exponential moving average of its weights over training (decay per gradient
+    step; 0.999 averages about the last 1,000 steps) instead of the last step's weights."""
     augment_pad: int = 0
     """Random-shift image augmentation: pad by this many pixels and crop back (0: off)."""
     batch_size: int = 64
@@ -333,6 +336,10 @@ class DistConfig:
     launcher's world size is used instead."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend ('auto': NCCL with --device cuda, gloo on the CPU)."""
+    shard: Literal["none", "full"] = "none"
+    """'none': every rank holds the whole policy (DDP). 'full': FSDP2 shards the weights, their float32 masters
+    and Adam's moments over the ranks (full fine-tuning of a large policy: --ppo.train-layers 0, no LoRA);
+    checkpoints are sharded through torch.distributed.checkpoint (docs/distributed.md)."""
     ray: str | None = None
     """Run the ranks as Ray Train workers on the Ray cluster at this address ('auto': the one `ray start` made on
     this node; 'local': start Ray inside this process)."""

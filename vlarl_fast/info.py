@@ -210,7 +210,7 @@ def _distributed(cuda: bool) -> str:
     except Exception as e:
         return f"NOT usable: {e}"
     ray = _version("ray")
-    return (f"torch.distributed ({', '.join(backends) or 'no backend'}); Ray "
+    return (f"torch.distributed ({', '.join(backends) or 'no backend'}; FSDP2 for --dist.shard full); Ray "
             + (f"{ray} (--dist.ray)" if ray else "not installed (optional, --dist.ray: the dist extra)"))
 
 

@@ -275,13 +275,14 @@ def build_rl(cfg: TrainConfig, policy, tasks: list[str], data, expert_data, bc_d
     recorder = stage = None
     if cfg.ire.every > 0:
         recorder = SuccessfulEpisodes(len(slot_task), cfg.ire.capacity)
-    if cfg.ire.every > 0 and comm.main:
+    sharded = cfg.dist.shard == "full"
+    if cfg.ire.every > 0 and (comm.main or sharded):   # sharded: every rank runs the stage on its share
         if data is None and cfg.env.benchmark == "tabletop":
             _, data = expert_data()   # the same demonstrations SFT saw (same seed)
         stage = SupervisedStage(policy, data, steps=cfg.ire.steps, batch_size=cfg.ire.batch_size,
                                 learning_rate=cfg.ire.learning_rate, online_fraction=cfg.ire.online_fraction,
                                 weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
-                                balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype)
+                                balance_tasks=cfg.ire.balance_tasks, autocast_dtype=bc_dtype, comm=comm)
     schedule = None
     if grouped:   # every episode start of a slot takes its group's next draw
         schedule = reset_options = GroupSchedule(slot_task, cfg.ppo.group_size, curriculum.sample)
@@ -332,7 +333,8 @@ class _StopRequest:
 
 def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
     """The whole run; ``comm``: this rank of a data-parallel run (dist/launch.py starts the ranks), of which
-    rank 0 alone runs SFT and the supervised stages, prints and writes the run's files."""
+    rank 0 alone runs SFT and the supervised stages (every rank, on its share, with --dist.shard full), prints and
+    writes the run's files."""
     from rich.console import Console
 
     from .dist.shared import gather_successes, merge_iteration
@@ -400,7 +402,7 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
             losses = sft_train(policy, data, epochs=cfg.sft.epochs, batch_size=cfg.sft.batch_size,
                                lr=cfg.sft.learning_rate, weight_decay=cfg.sft.weight_decay, seed=cfg.seed,
                                augment_pad=cfg.sft.augment_pad, warmup_steps=cfg.sft.warmup_steps,
-                               progress=bar, autocast_dtype=bc_dtype,
+                               progress=bar, autocast_dtype=bc_dtype, ema_decay=cfg.sft.ema_decay,
                                log=lambda e, l: logger.scalars("sft", {"loss": l}, e))
         timings["sft_s"] = time.perf_counter() - t0
         console.print(f"SFT: {len(episodes)} demos, {len(data['actions'])} steps, loss {losses[0]:.3f} -> "
@@ -423,6 +425,7 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
     rl_eval, env_steps, history = None, 0, list(past.get("history", []))
     if cfg.ppo.iterations > 0:
         # ---- 2. RL ------------------------------------------------------------------------------
+        from .dist.fsdp import whole_state_dicts
         from .rl.trainer import PPOTrainer
         t0 = time.perf_counter()
         parts = build_rl(cfg, policy, tasks, data, expert_data, bc_dtype, resumed, console, comm)
@@ -437,7 +440,10 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
         trainer = None
         try:
             trainer = PPOTrainer(policy, envs, cfg.ppo, seed=cfg.seed, curriculum=curriculum, recorder=recorder,
-                                 shaping=shaping, comm=comm)
+                                 shaping=shaping, comm=comm, shard=cfg.dist.shard == "full")
+            whole_weights = trainer.whole_weights
+            if stage is not None:
+                stage.root = trainer.root
             summary["update_from_layer"] = trainer.first_layer   # None: the update runs the whole model
             if trainer.first_layer is not None:
                 console.print(f"PPO update: from the rollout's cached inputs of LM layer {trainer.first_layer} "
@@ -453,7 +459,8 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
                          "wall_time_s": past.get("wall_time_s", 0.0) + time.perf_counter() - t_start}
                 state = checkpointing.capture(trainer, stage=stage, recorder=recorder, curriculum=curriculum,
                                               schedule=schedule, extra=extra)
-                return checkpointing.save(out, state, cfg.checkpoint_keep, comm)
+                return checkpointing.save(out, state, cfg.checkpoint_keep, comm,
+                                          checkpointing.sharded_parts(trainer, stage))
 
             with _bar(cfg.ppo.iterations, "ppo", cfg.progress) as bar, _StopRequest(console) as stop:
                 bar.update(trainer.iteration)
@@ -475,9 +482,12 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
                         bar.write(iteration_line(st, shaping is not None, grouped, cfg.ppo.kl_coef > 0))
                     if recorder is not None and st.iteration % cfg.ire.every == 0:
                         t1 = time.perf_counter()
-                        gather_successes(recorder, comm)   # the buffer is rank 0's, and so is the stage
-                        res = stage.run(recorder.arrays()) if comm.main else None
-                        comm.broadcast_module(policy.model)   # the stage's weights to every rank
+                        gather_successes(recorder, comm)   # the buffer is rank 0's
+                        if trainer.root is None:   # and so is the stage, whose weights then go to every rank
+                            res = stage.run(recorder.arrays()) if comm.main else None
+                            comm.broadcast_module(policy.model)
+                        else:   # every rank steps its shards on its share of the rows
+                            res = stage.run(comm.broadcast(recorder.arrays() if comm.main else None))
                         dt = time.perf_counter() - t1
                         timings["ire_s"] = timings.get("ire_s", 0.0) + dt
                         if comm.main:
@@ -506,16 +516,18 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
         if shaping is not None:
             timings["prm_s"] = shaping.seconds
             summary["prm_ms_per_step"] = 1000 * shaping.seconds / max(1, shaping.steps)
-        if comm.main:
-            final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
-                                                                               "iterations": trainer.iteration})
-            if curriculum is not None:
-                curriculum.save(final)
-            (out / "history.json").write_text(json.dumps(history, indent=2))
+        with whole_state_dicts(trainer.root) if trainer.root is not None else contextlib.nullcontext():
+            if comm.main:
+                final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
+                                                                                   "iterations": trainer.iteration})
+                if curriculum is not None:
+                    curriculum.save(final)
+                (out / "history.json").write_text(json.dumps(history, indent=2))
 
         # ---- 3. evaluation ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        rl_eval = run_eval(policy, cfg, tasks, "after RL", comm=comm)
+        with whole_weights():
+            rl_eval = run_eval(policy, cfg, tasks, "after RL", comm=comm)
         timings["eval_rl_s"] = time.perf_counter() - t0
         env_steps = int(env_steps)
         logger.scalars("eval", {"success": rl_eval["success"]}, env_steps)
@@ -523,7 +535,8 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
             [(env_steps, rl_eval["success"], "eval after RL")]
         if heldout_sft is not None:
             t0 = time.perf_counter()
-            heldout_rl = run_eval(policy, cfg, tasks, "after RL", "heldout", comm)
+            with whole_weights():
+                heldout_rl = run_eval(policy, cfg, tasks, "after RL", "heldout", comm)
             timings["eval_heldout_rl_s"] = time.perf_counter() - t0
             logger.scalars("eval_heldout", {"success": heldout_rl["success"]}, env_steps)
             evals += [(0, heldout_sft["success"], "held-out eval before RL"),

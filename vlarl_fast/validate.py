@@ -34,7 +34,7 @@ RULES: dict[str, dict[str, str]] = {
     "EnvConfig": {"image_size": "count", "num_envs": "count0", "max_episode_steps": "count"},
     "PolicyConfig": {"hidden_size": "count", "num_layers": "count"},
     "SFTConfig": {"demos_per_task": "count", "demo_layouts": "count", "demo_noise": "nonneg", "epochs": "count",
-                  "augment_pad": "count0", "batch_size": "count", "learning_rate": "positive",
+                  "augment_pad": "count0", "ema_decay": "below1", "batch_size": "count", "learning_rate": "positive",
                   "warmup_steps": "count0", "weight_decay": "nonneg"},
     "PPOConfig": {"iterations": "count0", "num_steps": "count", "learning_rate": "positive",
                   "critic_learning_rate": "positive", "gamma": "prob", "lam": "prob", "clip_low": "fraction",

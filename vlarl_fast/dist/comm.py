@@ -66,11 +66,15 @@ class Comm:
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers into every rank's copy of ``module``, in place."""
+        self.broadcast_tensors([t.data if isinstance(t, torch.nn.Parameter) else t
+                                for t in module.state_dict(keep_vars=True).values()])
+
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of ``tensors`` into every rank's, in place."""
         if self.world == 1:
             return
         dist = self._dist()
-        for t in module.state_dict(keep_vars=True).values():
-            t = t.data if isinstance(t, torch.nn.Parameter) else t
+        for t in tensors:
             if t.device.type == torch.device(self.device).type:
                 dist.broadcast(t, src=0)
             else:   # NCCL moves CUDA tensors only

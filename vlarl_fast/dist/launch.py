@@ -48,6 +48,15 @@ def check_dist(cfg, world: int) -> None:
                               f"{torch.cuda.device_count()}")
     if cfg.dist.backend == "nccl" and not cfg.device.startswith("cuda"):
         raise ConfigError("--dist.backend nccl moves CUDA tensors only: use --device cuda, or --dist.backend gloo")
+    if cfg.dist.shard == "full":
+        if cfg.ppo.lora_rank > 0 or cfg.ppo.train_layers > 0:
+            raise ConfigError("--dist.shard full is for full fine-tuning: add --ppo.train-layers 0 and --ppo.lora-rank 0 "
+                              "(LoRA or a few trained layers: leave --dist.shard none, DDP replicates them cheaply)")
+        if cfg.ppo.kl_coef > 0:
+            raise ConfigError("--dist.shard full keeps no reference copy of the policy: use --ppo.kl-coef 0")
+        if cfg.ppo.cache_frozen_layers in ("on", True):
+            raise ConfigError("--ppo.cache-frozen-layers needs frozen lower layers; with --dist.shard full every "
+                              "layer trains: use --ppo.cache-frozen-layers auto")
 
 
 def pin_cores(local_rank: int, local_world: int) -> list[int]:
@@ -175,7 +184,7 @@ def launch(cfg) -> int:
     check_config(cfg)
     ranks = torchrun_ranks()
     world = ranks[1] if ranks is not None else cfg.dist.nproc
-    if world > 1 or cfg.dist.ray is not None:
+    if world > 1 or cfg.dist.ray is not None or cfg.dist.shard != "none":
         check_dist(cfg, world)
     if cfg.dist.ray is not None:
         from .ray_train import run_on_ray
@@ -183,7 +192,7 @@ def launch(cfg) -> int:
     if ranks is not None:
         run_rank(cfg, *ranks)
         return 0
-    if world == 1:
+    if world == 1 and cfg.dist.shard == "none":
         train(cfg)
         return 0
-    return spawn_local(cfg)
+    return spawn_local(cfg)   # FSDP2 needs a process group, of one rank too

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..dist.comm import SINGLE, Comm
+from ..dist.fsdp import sync_buffers
 from ..policy import VLAPolicy
 from ..policy.precision import MasterWeights
 from .sft import bc_optimizer, bc_step
@@ -41,7 +43,7 @@ def all_trainable_but_value(model):
 class SupervisedStage:
     def __init__(self, policy: VLAPolicy, expert: dict | None, *, steps: int, batch_size: int, learning_rate: float,
                  online_fraction: float, weight_decay: float = 0.01, seed: int = 0, balance_tasks: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, comm: Comm = SINGLE, root: torch.nn.Module | None = None):
         if steps < 0 or batch_size <= 0:
             raise ValueError(f"the supervised stage needs steps >= 0 and batch_size > 0; got {steps}, {batch_size}")
         if not 0.0 <= online_fraction <= 1.0:
@@ -58,6 +60,9 @@ class SupervisedStage:
         self.optimizer: torch.optim.Optimizer | None = None   # kept across stages (Adam moments stay warm)
         self.masters: MasterWeights | None = None   # float32 copies of the 16-bit weights the optimiser steps
         self.stages = 0
+        # a sharded model (dist/fsdp.py): every rank runs the stage on the same rows drawn by the same RNG, each
+        # on its share of every batch, through the root unit, whose backward averages the ranks' gradients
+        self.comm, self.root = comm, root
 
     def _make_optimizer(self) -> None:
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -76,6 +81,8 @@ class SupervisedStage:
         if state["optimizer"] is not None:
             with all_trainable_but_value(self.policy.model):
                 self._make_optimizer()
+            if state["optimizer"] == "sharded":   # its moments are in the checkpoint's sharded/ (checkpointing.py)
+                return
             self.optimizer.load_state_dict(state["optimizer"])
             self.masters.load_state_dict(state["masters"])
 
@@ -128,9 +135,19 @@ class SupervisedStage:
                 states = np.concatenate([p[1] for p in parts]).astype(np.float32)
                 instructions = [s for p in parts for s in p[2]]
                 tokens = torch.cat([p[3] for p in parts])
+                if self.root is not None:
+                    mine = np.arange(self.comm.rank, len(tokens), self.comm.world)
+                    images, states, tokens = images[mine], states[mine], tokens[mine]
+                    instructions = [instructions[j] for j in mine]
                 losses.append(bc_step(pol, self.optimizer, images, states, instructions, tokens,
-                                      autocast_dtype=self.autocast_dtype, masters=self.masters))
+                                      autocast_dtype=self.autocast_dtype, masters=self.masters, forward=self.root))
+            # the last step's gradients go now: they would hold a model's worth of memory until PPO's next step,
+            # and DDP, finding them on a parameter its forward leaves unused, takes it for one this rank used
+            model.zero_grad(set_to_none=True)
             model.eval()
         self.stages += 1
-        return {"loss": float(np.mean(losses)) if losses else float("nan"), "online_steps": n_on,
-                "steps": len(losses)}
+        loss = float(np.mean(losses)) if losses else float("nan")
+        if self.root is not None:
+            sync_buffers(self.root, self.comm)
+            loss = float(self.comm.sum([loss])[0]) / self.comm.world   # each rank's share of the rows
+        return {"loss": loss, "online_steps": n_on, "steps": len(losses)}

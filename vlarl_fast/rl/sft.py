@@ -57,23 +57,27 @@ def bc_optimizer(policy: VLAPolicy, params, *, lr: float, weight_decay: float
 def bc_step(policy: VLAPolicy, opt: torch.optim.Optimizer, images: np.ndarray, states: np.ndarray,
             instructions: list[str], tokens: torch.Tensor, *, augment_pad: int = 0,
             generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
-            masters: MasterWeights | None = None) -> float:
+            masters: MasterWeights | None = None, forward=None) -> float:
     """One behaviour-cloning gradient step (mean token cross-entropy); returns the loss.
 
     ``autocast_dtype`` (e.g. bfloat16): the forward's matrix products in that dtype, the float32 weights
     and optimiser untouched (``precision.resolve_bc_autocast`` picks it). ``masters``: the float32 master
     copies ``opt`` steps in place of 16-bit weights (``bc_optimizer``); the model's weights are rounded from
-    them after the step. ``opt`` must step float32 tensors only (``PrecisionError`` otherwise)."""
+    them after the step. ``opt`` must step float32 tensors only (``PrecisionError`` otherwise). ``forward``:
+    runs the loss's computation, as ``forward(fn)`` (a sharded model's root unit, dist/fsdp.py)."""
     check_float32_optimizer(opt)
     model = policy.model
     imgs, st = policy.to_tensor_obs(images, states)
     if augment_pad:
         imgs = random_shift(imgs.cpu(), augment_pad, generator).to(imgs.device)
     text_ids, text_mask = policy.encode_prompts(instructions)
-    with mixed_precision(policy.device, autocast_dtype):
-        feats = model.encode_images(model.preprocess_images(imgs))
-        logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
-        loss = -logp.mean()
+
+    def bc_loss() -> torch.Tensor:
+        with mixed_precision(policy.device, autocast_dtype):
+            feats = model.encode_images(model.preprocess_images(imgs))
+            logp, _, _ = policy.evaluate_actions(feats, st, text_ids, text_mask, tokens.to(policy.device))
+            return -logp.mean()
+    loss = bc_loss() if forward is None else forward(bc_loss)
     gradient_step(model, opt, loss, masters)
     return float(loss.detach())
 
@@ -107,12 +111,37 @@ def lr_factor(step: int, total: int, warmup_steps: int = 0, floor: float = 0.1) 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
+class WeightEMA:
+    """Exponential moving average of the tensors an optimiser steps (Polyak averaging), kept in float32.
+
+    Behaviour cloning ends wherever the last minibatches left the weights; the average over the last
+    ~1 / (1 - decay) steps is a flatter point, and the policy it gives varies less from seed to seed. The
+    decay ramps up as ``(1 + step) / (10 + step)`` so the first steps do not anchor it to the initial weights."""
+
+    def __init__(self, tensors: list[torch.Tensor], decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.tensors, self.decay, self.steps = list(tensors), decay, 0
+        self.shadow = [t.detach().clone() for t in self.tensors]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.shadow, [t.detach() for t in self.tensors], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_tensors(self) -> None:
+        torch._foreach_copy_(self.tensors, self.shadow)
+
+
 def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
               seed: int, fit_stats: bool = True, augment_pad: int = 0, warmup_steps: int = 0, progress=None,
-              log=None, autocast_dtype: torch.dtype | None = None) -> list[float]:
+              log=None, autocast_dtype: torch.dtype | None = None, ema_decay: float = 0.0) -> list[float]:
     """Behaviour cloning; fits q01/q99 action statistics from the data first (if asked).
 
-    The learning rate rises linearly over ``warmup_steps``, then decays by a cosine to 10%.
+    The learning rate rises linearly over ``warmup_steps``, then decays by a cosine to 10%. ``ema_decay`` > 0:
+    the policy ends with the moving average of its trained weights (``WeightEMA``) instead of the last step's.
 
     Returns the mean loss per epoch."""
     if fit_stats or policy.norm_stats is None:
@@ -128,6 +157,8 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
+    # over what the optimiser steps: the float32 masters of 16-bit weights, float32 weights themselves
+    ema = WeightEMA([p for g in opt.param_groups for p in g["params"]], ema_decay) if ema_decay > 0 else None
     losses = []
     for epoch in range(epochs):
         perm = rng.permutation(n)
@@ -138,6 +169,8 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
                            [data["instructions"][i] for i in idx], tokens[idx], augment_pad=augment_pad, generator=gen,
                            autocast_dtype=autocast_dtype, masters=masters)
             sched.step()
+            if ema is not None:
+                ema.update()
             tot += loss * len(idx)
             cnt += len(idx)
             if progress is not None:
@@ -146,5 +179,9 @@ def sft_train(policy: VLAPolicy, data: dict, *, epochs: int, batch_size: int, lr
         losses.append(tot / cnt)
         if log is not None:
             log(epoch, losses[-1])
+    if ema is not None:
+        ema.copy_to_tensors()
+        if masters is not None:
+            masters.masters_to_model()
     model.eval()
     return losses

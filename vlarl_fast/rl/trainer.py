@@ -25,6 +25,7 @@ bootstrapped from the fresh episode the restart began.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch
 
 from ..config import PPOConfig
 from ..dist.comm import SINGLE, Comm
+from ..dist.fsdp import full_tensor, sync_buffers
 from ..envs import VectorEnv
 from ..kernels import NonFiniteError, gae
 from ..policy import VLAPolicy
@@ -205,7 +207,7 @@ class PPOTrainer:
 
     def __init__(self, policy: VLAPolicy, envs: VectorEnv, cfg: PPOConfig, seed: int = 0,
                  curriculum: Curriculum | None = None, recorder: SuccessfulEpisodes | None = None,
-                 shaping: PRMShaping | None = None, comm: Comm = SINGLE):
+                 shaping: PRMShaping | None = None, comm: Comm = SINGLE, shard: bool = False):
         self.policy, self.envs, self.cfg, self.comm = policy, envs, cfg, comm
         self.groups = cfg.algo in GROUP_ALGOS
         self.shaping = shaping     # the process reward model's potential-based term (prm/shaping.py)
@@ -220,6 +222,11 @@ class PPOTrainer:
             train_lora_only(model, cfg)
         elif cfg.train_layers > 0:
             freeze_below_top_layers(model, cfg.train_layers)
+        # --dist.shard full: FSDP2 over the ranks (dist/fsdp.py), before the optimiser sees the parameters
+        self.root = None
+        if shard:
+            from ..dist.fsdp import shard_policy
+            self.root = shard_policy(policy, comm)
         value_params = policy.value_parameters()
         value_ids = {id(p) for p in value_params} | {id(p) for p in model.value_head.parameters()}
         policy_params = [p for p in model.parameters() if p.requires_grad and id(p) not in value_ids]
@@ -244,18 +251,33 @@ class PPOTrainer:
         self._actions: list[list[np.ndarray]] = [[] for _ in range(envs.num_envs)]
         self.iteration = 0
         self.global_step = 0   # this rank's env steps
-        self.score = self._score
+        # the update's forward: through the FSDP root where the model is sharded (where its gradients are
+        # reduce-scattered), else directly, or wrapped in DDP below
+        self.forward = self._score if self.root is None else self._sharded_score
+        self.score = self.forward
         if comm.world > 1:
             from torch.nn.parallel import DistributedDataParallel
-            # unused parameters: the critic warm-up's updates leave the policy's out
-            self.score = DistributedDataParallel(_Scorer(self), find_unused_parameters=True)
+            if self.root is None:
+                # unused parameters: the critic warm-up's updates leave the policy's out
+                self.score = DistributedDataParallel(_Scorer(self), find_unused_parameters=True)
             names = sorted(set(x for r in comm.all_gather(list(envs.instructions)) for x in r))
             self.task_index = {s: i for i, s in enumerate(names)}   # the same on every rank
 
     def close(self) -> None:
         """Drop the DistributedDataParallel wrapper now, while the process group is alive (a reducer that
         outlives it tears the group down with the GIL held, which can hang gloo's thread)."""
-        self.score = self._score
+        self.score = self.forward
+
+    def _sharded_score(self, *args):
+        # the arguments reach the root's forward inside a closure: FSDP2 would move tensor arguments (the whole
+        # rollout buffer) to the device
+        return self.root(functools.partial(self._score, *args))
+
+    def whole_weights(self):
+        """Context in which the policy's weights are whole on this rank: the rollout's and the evaluation's
+        decoding read them directly (a collective where the model is sharded)."""
+        from ..dist.fsdp import gathered
+        return gathered(self.root)
 
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -369,8 +391,10 @@ class PPOTrainer:
     @torch.no_grad()
     def collect(self) -> dict:
         """PPO's rollout: ``num_steps`` steps of every env; episodes run on across rollouts."""
-        if self.groups:
-            return self.collect_groups()
+        with self.whole_weights():
+            return self.collect_groups() if self.groups else self._collect()
+
+    def _collect(self) -> dict:
         cfg, buf, pol = self.cfg, self.buffer, self.policy
         pol.model.eval()
         stats = self._new_stats()
@@ -570,7 +594,7 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 (loss * weight if weight != 1.0 else loss).backward()   # DDP averages the ranks' gradients here
                 self.masters.grads_to_masters()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 if not torch.isfinite(grad_norm):   # the same on every rank: DDP gave them one averaged gradient
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -651,7 +675,7 @@ class PPOTrainer:
         for start in range(0, len(perm), mb):
             pos = perm[start:start + mb]
             idx = rows[pos]
-            logp, _, _ = self._score(data, idx, data["tokens"][idx].to(self.policy.device), False)
+            logp, _, _ = self.forward(data, idx, data["tokens"][idx].to(self.policy.device), False)
             out[torch.as_tensor(pos, device=out.device)] = logp.sum(-1).float()
         return out
 
@@ -677,6 +701,7 @@ class PPOTrainer:
         t1 = time.perf_counter()
         critic_only = not self.groups and self.iteration < self.cfg.critic_warmup
         upd = self.update(critic_only)
+        sync_buffers(self.root, self.comm)
         dt = time.perf_counter() - t0
         self.iteration += 1
         n = len(roll["successes"])
