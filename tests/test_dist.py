@@ -197,8 +197,8 @@ def test_two_rank_smoke_run_keeps_the_ranks_identical_after_every_update(tmp_pat
 
 
 def test_two_rank_full_fine_tuning_with_supervised_stages_finishes(tmp_path):
-    """Every layer trained (a parameter PPO's forward leaves unused included) with rank 0's supervised stage in
-    between: the stage's leftover gradients once made DDP fail the next update on rank 0."""
+    """Every layer trained (parameters PPO's forward leaves unused included) with rank 0's supervised stage in
+    between: the stage's backward outside DDP once made DDP's next update fail on rank 0."""
     run = tmp_path / "run"
     p = _cli(*SMOKE, "--dist.nproc", "2", "--ppo.train-layers", "0", "--ppo.iterations", "3", "--ire.every", "1",
              "--ppo.critic-warmup", "0", "--output-dir", str(run), cwd=tmp_path)

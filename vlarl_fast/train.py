@@ -485,7 +485,7 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
                         gather_successes(recorder, comm)   # the buffer is rank 0's
                         if trainer.root is None:   # and so is the stage, whose weights then go to every rank
                             res = stage.run(recorder.arrays()) if comm.main else None
-                            comm.broadcast_module(policy.model)
+                            trainer.share_stage_weights()
                         else:   # every rank steps its shards on its share of the rows
                             res = stage.run(comm.broadcast(recorder.arrays() if comm.main else None))
                         dt = time.perf_counter() - t1

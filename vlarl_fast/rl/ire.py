@@ -141,8 +141,7 @@ class SupervisedStage:
                     instructions = [instructions[j] for j in mine]
                 losses.append(bc_step(pol, self.optimizer, images, states, instructions, tokens,
                                       autocast_dtype=self.autocast_dtype, masters=self.masters, forward=self.root))
-            # the last step's gradients go now: they would hold a model's worth of memory until PPO's next step,
-            # and DDP, finding them on a parameter its forward leaves unused, takes it for one this rank used
+            # the last step's gradients go now: they would hold a model's worth of memory until PPO's next step
             model.zero_grad(set_to_none=True)
             model.eval()
         self.stages += 1

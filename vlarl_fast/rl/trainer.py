@@ -256,12 +256,24 @@ class PPOTrainer:
         self.forward = self._score if self.root is None else self._sharded_score
         self.score = self.forward
         if comm.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
             if self.root is None:
-                # unused parameters: the critic warm-up's updates leave the policy's out
-                self.score = DistributedDataParallel(_Scorer(self), find_unused_parameters=True)
+                self._wrap_ddp()
             names = sorted(set(x for r in comm.all_gather(list(envs.instructions)) for x in r))
             self.task_index = {s: i for i, s in enumerate(names)}   # the same on every rank
+
+    def _wrap_ddp(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+        self.score = self.forward   # the old wrapper's reducer goes first
+        # unused parameters: the critic warm-up's updates leave the policy's out
+        self.score = DistributedDataParallel(_Scorer(self), find_unused_parameters=True)
+
+    def share_stage_weights(self) -> None:
+        """After iRe-VLA's supervised stage ran on rank 0 alone: its weights (and buffers) to every rank. DDP is
+        wrapped afresh, which sends them: a backward outside DDP (the stage's) marks every parameter it reaches
+        as used in DDP's next step, and one that PPO's forward then leaves unused (with every layer trained, the
+        vision side's) would fail that step. A sharded model runs the stage on every rank: nothing to send."""
+        if self.comm.world > 1 and self.root is None:
+            self._wrap_ddp()
 
     def close(self) -> None:
         """Drop the DistributedDataParallel wrapper now, while the process group is alive (a reducer that
