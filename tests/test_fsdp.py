@@ -128,22 +128,23 @@ def _cli(*args, cwd):
 def test_a_sharded_two_rank_run_writes_sharded_checkpoints_and_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
     run = tmp_path / "run"
-    p = _cli(*SMOKE, "--dist.nproc", "2", "--ppo.iterations", "3", "--ire.every", "2", "--checkpoint-every", "1",
+    p = _cli(*SMOKE, "--dist.nproc", "2", "--ppo.iterations", "4", "--ire.every", "2", "--checkpoint-every", "1",
              "--checkpoint-keep", "10", "--output-dir", str(run), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["updates"] == 3
+    assert summary["world_size"] == 2 and summary["updates"] == 4
     ckpt = run / "checkpoints" / "rl-00002"
     assert (ckpt / "sharded").is_dir() and (ckpt / "state.rank1.pt").is_file()
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["model"] == "sharded" and state["optimizer"] == "sharded"   # no weights beside the shards
 
-    # the same run stopped after iteration 2 (a supervised stage in its state) and resumed to 3
+    # the same run stopped after iteration 2 (a supervised stage in its state: its moments for the vision tower,
+    # which PPO keeps frozen) and resumed to 4 (the next stage steps them)
     cut = tmp_path / "cut"
     shutil.copytree(run, cut)
-    shutil.rmtree(cut / "checkpoints" / "rl-00003")
-    shutil.rmtree(cut / "checkpoints" / "final")
-    r = _cli("--resume", str(cut), "--ppo.iterations", "3", "--progress", "False", cwd=tmp_path)
+    for d in ("rl-00003", "rl-00004", "final"):
+        shutil.rmtree(cut / "checkpoints" / d)
+    r = _cli("--resume", str(cut), "--ppo.iterations", "4", "--progress", "False", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_file(run / "checkpoints" / "final" / "model.safetensors")
     b = load_file(cut / "checkpoints" / "final" / "model.safetensors")

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..policy import llama_step
 from .comm import Comm
 
 
@@ -64,22 +65,30 @@ def shard_policy(policy, comm: Comm) -> ShardRoot:
     compute = None if dtypes == {torch.float32} else dtypes.pop()
     # inputs keep their dtype: the update's arguments hold the whole rollout buffer
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for module in (policy.model, policy.critic):
-        if module is not None:
-            module.float()   # the shards are the float32 masters
+    # the shards are the float32 masters: each unit is cast just before it is sharded, so a 16-bit model never
+    # stands whole in float32 on the device
     decoders = [policy.model.decoder] + ([policy.critic.decoder] if policy.critic is not None else [])
     for layer in (layer for d in decoders for layer in d.layers):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(_float32_weights(layer), mesh=mesh, mp_policy=mp)
     for head in heads:   # units of their own, gathered in float32 as an unsharded model keeps them
-        fully_shard(head, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32,
-                                                                    cast_forward_inputs=False))
+        fully_shard(_float32_weights(head), mesh=mesh,
+                    mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False))
     root = ShardRoot(policy.model, policy.critic)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
+    fully_shard(_float32_weights(root), mesh=mesh, mp_policy=mp)
     root.compute_dtype = compute or torch.float32   # what the weights are gathered in, and saved in
     with torch.no_grad():
         root(lambda: None)   # FSDP2 sets its units up in the root's first forward, before any unit is gathered
     root.reshard()
     return root
+
+
+def _float32_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """The parameters of ``module`` not yet sharded, in float32 (buffers keep their dtype)."""
+    from torch.distributed.tensor import DTensor
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32 and not isinstance(p, DTensor):
+            p.data = p.data.float()
+    return module
 
 
 def sync_buffers(root: torch.nn.Module | None, comm: Comm) -> None:
@@ -108,6 +117,9 @@ def gathered(root: torch.nn.Module | None):
     layers = [m for m in units if m is not root]
     for m in units:
         m.unshard()
+    # the decoder's fused projections are keyed by storage address and version, which a re-gather can repeat
+    # after an update changed the weights
+    llama_step.forget_fused()
     # a layer's forward inside the block (a separate critic's) must not free it: gathering it again would be a
     # collective on one rank only when the ranks' evaluations make different numbers of forwards
     for m in layers:
@@ -129,7 +141,9 @@ def whole_state_dicts(root: torch.nn.Module):
     together; rank 0 then writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    full = {k: v.to(root.compute_dtype) if v.is_floating_point() else v for k, v in full.items()}
+    # the model's dtype, but the value heads', which an unsharded model keeps in float32 too
+    full = {k: v.to(root.compute_dtype) if v.is_floating_point() and ".value_head." not in f".{k}" else v
+            for k, v in full.items()}
     modules = list(root.named_modules())
     for name, module in modules:
         prefix = f"{name}." if name else ""
@@ -138,7 +152,8 @@ def whole_state_dicts(root: torch.nn.Module):
             return {k[len(_prefix):]: v for k, v in full.items() if k.startswith(_prefix)}
         module.state_dict = state_dict   # the instance's, over the class's (and FSDP2's hooks)
     try:
-        yield
+        with gathered(root):   # and what a writer reads besides (model.dtype for a config) is the model's too
+            yield
     finally:
         for _, module in modules:
             del module.state_dict
@@ -162,31 +177,31 @@ def save_sharded(path, root: torch.nn.Module, optimizers: dict) -> None:
 def load_sharded(path, root: torch.nn.Module, optimizers: dict) -> None:
     """Put what ``save_sharded`` wrote back into ``root`` and ``optimizers`` (built as they were when saved)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    # the layout to read into: torch.distributed.checkpoint lays a fresh optimiser's moments out by a step of
-    # zero gradients, which skips frozen parameters; the supervised stage's optimiser has moments for weights PPO
-    # keeps frozen, so every parameter takes part in that step
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    # torch.distributed.checkpoint lays a fresh optimiser's moments out by a step of zero gradients, which skips
+    # (and its loading drops) frozen parameters; the supervised stage's optimiser has moments for weights PPO
+    # keeps frozen, so every parameter counts as trained until the moments are in
     params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
             p.requires_grad_(True)
-        state = sharded_state(root, optimizers)
+        state = sharded_state(root, optimizers)   # the layout to read into: moments for every parameter
+        # the checkpoint has moments for the parameters that had a gradient by then; the others keep the layout's
+        # placeholders through the load and lose them after, as they had none in the run that saved it
+        saved = {k.rsplit(".", 1)[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+        missing = {name: [f for f in state[name]["state"] if f"{name}.state.{f}" not in saved] for name in optimizers}
+        dcp.load(state, checkpoint_id=str(path),
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=any(missing.values())))
+        set_model_state_dict(root, state["model"])
+        by_name = dict(root.named_parameters())
+        for name, opt in optimizers.items():
+            set_optimizer_state_dict(root, opt, state[name])
+            for fqn in missing[name]:
+                opt.state.pop(by_name[fqn], None)
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    # a fresh optimiser's layout has moments for every parameter; the checkpoint, for those that had a gradient
-    # by then: the others stay without (as in the run that saved it, so their first step is the same)
-    saved = {k.rsplit(".", 1)[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata}
-    for name in optimizers:
-        moments = state[name]["state"]
-        for fqn in [f for f in moments if f"{name}.state.{f}" not in saved]:
-            del moments[fqn]
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(root, state["model"])
-    for name, opt in optimizers.items():   # not strict: the parameters left without moments above
-        set_optimizer_state_dict(root, opt, state[name], options=StateDictOptions(strict=False))
 
 
 def full_tensor(x: torch.Tensor) -> torch.Tensor:

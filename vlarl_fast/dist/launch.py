@@ -54,6 +54,9 @@ def check_dist(cfg, world: int) -> None:
                               "(LoRA or a few trained layers: leave --dist.shard none, DDP replicates them cheaply)")
         if cfg.ppo.kl_coef > 0:
             raise ConfigError("--dist.shard full keeps no reference copy of the policy: use --ppo.kl-coef 0")
+        if cfg.ire.every > 0 and cfg.ire.batch_size < world:
+            raise ConfigError(f"--dist.shard full splits each supervised-stage batch over the ranks: --ire.batch-size "
+                              f"must be at least --dist.nproc {world}")
         if cfg.ppo.cache_frozen_layers in ("on", True):
             raise ConfigError("--ppo.cache-frozen-layers needs frozen lower layers; with --dist.shard full every "
                               "layer trains: use --ppo.cache-frozen-layers auto")

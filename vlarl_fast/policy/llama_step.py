@@ -70,6 +70,11 @@ def _fusion_bytes(decoder) -> int:
     return n
 
 
+def forget_fused() -> None:
+    """Drop every cached fused projection (weights gathered anew by FSDP2 may reuse an address and version)."""
+    _fused.clear()
+
+
 def _fused_weights(layer) -> tuple | None:
     """(qkv weight, qkv bias, gate-up weight, gate-up bias) of a layer whose projections are plain Linear;
     rebuilt when any source weight was replaced or changed in place (an optimizer step bumps _version)."""

@@ -222,6 +222,8 @@ class PPOTrainer:
             train_lora_only(model, cfg)
         elif cfg.train_layers > 0:
             freeze_below_top_layers(model, cfg.train_layers)
+        # from the dtypes the model computes in, before sharding makes every weight a float32 shard
+        self.recompute_logprobs = resolve_recompute_logprobs(cfg.recompute_logprobs, model)
         # --dist.shard full: FSDP2 over the ranks (dist/fsdp.py), before the optimiser sees the parameters
         self.root = None
         if shard:
@@ -235,7 +237,6 @@ class PPOTrainer:
             {"params": self.masters.of(policy_params), "lr": cfg.learning_rate},
             {"params": self.masters.of(value_params), "lr": cfg.critic_learning_rate}], eps=1e-5)
         check_float32_optimizer(self.optimizer)
-        self.recompute_logprobs = resolve_recompute_logprobs(cfg.recompute_logprobs, model)
         self.reference = ReferencePolicy(policy) if cfg.kl_coef > 0 else None
         self.generator = torch.Generator(device=policy.device).manual_seed(seed + 1_000_003 * comm.rank)
         # GAE reads the buffer's rewards, values and flags where they live: on the policy's device
@@ -684,11 +685,11 @@ class PPOTrainer:
         epoch's minibatches: the same rows padded together and the same shapes as the first epoch, so the
         first minibatch's ratio is taken between two runs of one computation."""
         out = torch.empty(len(perm), device=self.policy.device)
-        for start in range(0, len(perm), mb):
-            pos = perm[start:start + mb]
-            idx = rows[pos]
+        for pos in self._minibatches(perm, mb):   # as many on every rank: a sharded forward is a collective
+            idx = rows[pos if len(pos) else perm[:1]]
             logp, _, _ = self.forward(data, idx, data["tokens"][idx].to(self.policy.device), False)
-            out[torch.as_tensor(pos, device=out.device)] = logp.sum(-1).float()
+            if len(pos):
+                out[torch.as_tensor(pos, device=out.device)] = logp.sum(-1).float()
         return out
 
     def _score(self, data: dict, idx: np.ndarray, tokens: torch.Tensor, critic_only: bool):
