@@ -3,14 +3,14 @@ one process with the whole model, and a whole run that resumes exactly."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from test_dist import _cli
 
 from vlarl_fast.dist.launch import free_port
 
@@ -120,11 +120,6 @@ def test_two_sharded_ranks_act_and_average_gradients_as_one_process(tmp_path):
 
 
 # ---- whole runs -----------------------------------------------------------------------------------------------
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "vlarl_fast.cli", "train", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
 def test_a_sharded_two_rank_run_writes_sharded_checkpoints_and_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
     run = tmp_path / "run"

@@ -516,7 +516,7 @@ def train(cfg: TrainConfig, comm: Comm = SINGLE) -> dict:
         if shaping is not None:
             timings["prm_s"] = shaping.seconds
             summary["prm_ms_per_step"] = 1000 * shaping.seconds / max(1, shaping.steps)
-        with whole_state_dicts(trainer.root) if trainer.root is not None else contextlib.nullcontext():
+        with whole_state_dicts(trainer.root):
             if comm.main:
                 final = save_policy(policy, out / "checkpoints" / "final", extra={"stage": "rl",
                                                                                    "iterations": trainer.iteration})

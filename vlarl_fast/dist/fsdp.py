@@ -100,11 +100,6 @@ def sync_buffers(root: torch.nn.Module | None, comm: Comm) -> None:
         comm.broadcast_tensors(list(root.buffers()))
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
 @contextmanager
 def gathered(root: torch.nn.Module | None):
     """Every weight of the sharded ``root`` whole on every rank inside the block (a collective: all ranks
@@ -134,11 +129,14 @@ def gathered(root: torch.nn.Module | None):
 
 
 @contextmanager
-def whole_state_dicts(root: torch.nn.Module):
+def whole_state_dicts(root: torch.nn.Module | None):
     """Inside the block ``state_dict()`` of the sharded ``root`` and of every module in it returns, on rank 0,
     whole weights on the CPU in the dtype the model computes in (on the other ranks, nothing), so the checkpoint
     writers (policy/checkpoint.py) save a sharded policy as they save any other. A collective: all ranks enter
-    together; rank 0 then writes."""
+    together; rank 0 then writes. ``None``: nothing to do."""
+    if root is None:
+        yield
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # the model's dtype, but the value heads', which an unsharded model keeps in float32 too

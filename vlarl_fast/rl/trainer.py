@@ -36,7 +36,7 @@ import torch
 
 from ..config import PPOConfig
 from ..dist.comm import SINGLE, Comm
-from ..dist.fsdp import full_tensor, sync_buffers
+from ..dist.fsdp import full_tensor, gathered, shard_policy, sync_buffers
 from ..envs import VectorEnv
 from ..kernels import NonFiniteError, gae
 from ..policy import VLAPolicy
@@ -227,7 +227,6 @@ class PPOTrainer:
         # --dist.shard full: FSDP2 over the ranks (dist/fsdp.py), before the optimiser sees the parameters
         self.root = None
         if shard:
-            from ..dist.fsdp import shard_policy
             self.root = shard_policy(policy, comm)
         value_params = policy.value_parameters()
         value_ids = {id(p) for p in value_params} | {id(p) for p in model.value_head.parameters()}
@@ -289,7 +288,6 @@ class PPOTrainer:
     def whole_weights(self):
         """Context in which the policy's weights are whole on this rank: the rollout's and the evaluation's
         decoding read them directly (a collective where the model is sharded)."""
-        from ..dist.fsdp import gathered
         return gathered(self.root)
 
     # ---- rollout ---------------------------------------------------------------------------
